@@ -1,0 +1,243 @@
+"""Agent settings: a validated, immutable model loaded from YAML and the environment.
+
+The environment wins over the file. The well-known variables are::
+
+    EDGEML_DEVICE_ID  EDGEML_FLEET  EDGEML_DATA_DIR  EDGEML_BROKER_URL
+    EDGEML_MODEL_PATH  EDGEML_API_ADDR
+
+and any nested key can be set as ``EDGEML_<SECTION>__<KEY>`` (for example
+``EDGEML_TELEMETRY__SAMPLE_RATE=0.1``). configs/agent.yaml documents every key.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ._exceptions import ConfigError
+from .protocol import check_id
+
+ENV_PREFIX = "EDGEML_"
+#: The top-level keys with a short environment variable of their own.
+ENV_KEYS = ("device_id", "fleet", "data_dir", "broker_url", "model_path", "api_addr", "hardware_profile")
+
+DEFAULT_API_ADDR = "127.0.0.1:8470"
+DEFAULT_DATA_DIR = "edgeml-data"
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BrokerURL(_Settings):
+    """A parsed ``mqtt://host:port`` or ``mqtts://host:port`` URL."""
+
+    scheme: Literal["mqtt", "mqtts"]
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "mqtts"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def parse_broker_url(value: str) -> BrokerURL:
+    """Parse a broker URL; ValueError says what is wrong."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"scheme must be mqtt:// or mqtts://, got {value!r}")
+    if not parts.hostname:
+        raise ValueError(f"no host in {value!r}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port in {value!r}") from exc
+    return BrokerURL(
+        scheme=parts.scheme,  # type: ignore[arg-type]
+        host=parts.hostname,
+        port=port or (8883 if parts.scheme == "mqtts" else 1883),
+        username=parts.username,
+        password=parts.password,
+    )
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """Parse ``host:port`` (``[::1]:port`` for IPv6); ValueError says what is wrong."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port, got {value!r}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be a number 0-65535, got {port_text!r}")
+    return host.strip("[]"), int(port_text)
+
+
+class MqttSettings(_Settings):
+    client_id: str | None = None
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    max_inflight: int = Field(16, ge=1, le=1000)
+    batch_max_records: int = Field(500, ge=1)
+    batch_max_bytes: int = Field(256 * 1024, ge=1024)
+    bandwidth_limit_bps: int | None = Field(None, ge=1024)
+    ack_timeout_s: float = Field(30.0, gt=0)
+
+
+class TelemetrySettings(_Settings):
+    buffer_max_bytes: int = Field(64 * 1024 * 1024, ge=64 * 1024)
+    flush_interval_ms: int = Field(50, ge=1, le=10_000)
+    fsync: bool = True
+    sample_rate: float = Field(0.0, ge=0.0, le=1.0)
+    metrics_interval_s: float = Field(30.0, gt=0)
+    housekeeping_interval_s: float = Field(60.0, gt=0)
+
+
+class RuntimeSettings(_Settings):
+    engine: Literal["auto", "onnx", "litert"] = "auto"
+    threads: int = Field(1, ge=1, le=64)
+    warmup_runs: int = Field(3, ge=0, le=1000)
+
+
+class DiscoverySettings(_Settings):
+    browse: bool = True
+    announce: bool = True
+    timeout_s: float = Field(5.0, gt=0)
+
+
+class AgentConfig(_Settings):
+    """Settings of one agent. Build with :func:`load_config` or directly."""
+
+    device_id: str = Field(default_factory=lambda: _default_device_id())
+    fleet: str = "default"
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    broker_url: BrokerURL | None = None
+    model_path: Path | None = None
+    api_addr: str | None = DEFAULT_API_ADDR
+    hardware_profile: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    mqtt: MqttSettings = MqttSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    discovery: DiscoverySettings = DiscoverySettings()
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, v: str) -> str:
+        return check_id(v, "device_id")
+
+    @field_validator("fleet")
+    @classmethod
+    def _fleet(cls, v: str) -> str:
+        return check_id(v, "fleet")
+
+    @field_validator("broker_url", mode="before")
+    @classmethod
+    def _broker(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return parse_broker_url(v) if v.strip() else None
+        return v
+
+    @field_validator("api_addr")
+    @classmethod
+    def _api_addr(cls, v: str | None) -> str | None:
+        if v in (None, "", "off"):
+            return None
+        parse_host_port(v)
+        return v
+
+    @property
+    def api_host_port(self) -> tuple[str, int] | None:
+        return parse_host_port(self.api_addr) if self.api_addr else None
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"edgeml-{self.fleet}-{self.device_id}"
+
+
+def _default_device_id() -> str:
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
+    return name.strip("-._")[:64] or "device"
+
+
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    data: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX):].lower()
+        if rest in ENV_KEYS:
+            data[rest] = value
+            origin[rest] = var
+        elif "__" in rest:
+            section, key = rest.split("__", 1)
+            if section in AgentConfig.model_fields and key:
+                data.setdefault(section, {})[key] = value
+                origin[f"{section}.{key}"] = var
+    return data, origin
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Load settings from a YAML file (optional) and the environment (which wins).
+
+    Raises :class:`ConfigError` naming the first bad key and why it is bad.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    overrides, origin = _env_overrides(env)
+    data = _merge(data, overrides)
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        reason = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            reason = "unknown setting"
+        where = f" (from {origin[key]})" if key in origin else ""
+        raise ConfigError(key, reason + where) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("--config", f"{path} is not valid YAML{at}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of settings, got {type(data).__name__}")
+    return data

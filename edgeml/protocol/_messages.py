@@ -1,0 +1,129 @@
+"""Payload schemas of the edgeml MQTT protocol, version 1.
+
+These pydantic models are the specification: docs/protocol.md embeds their JSON
+schemas and a test keeps the two in step. The agent's hot path writes the same
+shapes with orjson (no pydantic per record); consumers validate with these models.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._topics import PROTOCOL_VERSION
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+
+class _Record(_Message):
+    seq: int = Field(ge=1, description="Per-device sequence number: strictly increasing within a stream, never reused.")
+    ts: float = Field(description="When the record was made: Unix time in seconds (float).")
+
+
+class OutputSummary(_Message):
+    """A compact summary of a prediction's first output."""
+
+    output: str = Field(description="Name of the summarised output tensor.")
+    top1: int | None = Field(None, description="Arg-max over the last axis of the first row (classifiers).")
+    score: float | None = Field(None, description="The value at top1.")
+    mean: float = Field(description="Mean of all output values.")
+
+
+class PredictionRecord(_Record):
+    kind: Literal["prediction"] = "prediction"
+    model: str
+    version: str
+    latency_us: float = Field(ge=0, description="Inference time in microseconds.")
+    batch: int = Field(1, ge=1, description="Rows in the request.")
+    summary: OutputSummary | None = None
+
+
+class SampleRecord(_Record):
+    """Full inputs and outputs of a sampled prediction, captured for retraining."""
+
+    kind: Literal["sample"] = "sample"
+    model: str
+    version: str
+    inputs: dict[str, Any] = Field(description="Input name -> nested list.")
+    outputs: dict[str, Any] = Field(description="Output name -> nested list.")
+
+
+class MetricsRecord(_Record):
+    kind: Literal["metrics"] = "metrics"
+    cpu_percent: float = Field(description="Agent process CPU use since the previous metrics record.")
+    rss_bytes: int
+    uptime_s: float
+    predictions_total: int
+    prediction_errors_total: int
+    buffer_records: int = Field(description="Records waiting in the buffer.")
+    buffer_bytes: int
+    dropped_total: int = Field(description="Records dropped by the buffer budget since the data dir was created.")
+    dropped: dict[str, int] = Field(default_factory=dict, description="Dropped records by priority class.")
+
+
+class EventRecord(_Record):
+    kind: Literal["event"] = "event"
+    name: str = Field(description="Machine-readable event name, e.g. agent_started, model_loaded, model_load_failed, bad_message.")
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    message: str = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+TelemetryRecord = Annotated[
+    PredictionRecord | SampleRecord | MetricsRecord | EventRecord,
+    Field(discriminator="kind"),
+]
+
+
+class TelemetryBatch(_Message):
+    """Payload of ``edgeml/v1/{fleet}/{device}/telemetry`` (QoS 1, not retained)."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    fleet: str
+    device: str
+    stream: str = Field(description="Id of the device's record stream; changes only when the data dir is wiped. Deduplicate on (device, stream, seq).")
+    sent_at: float = Field(description="When this batch was first published (Unix seconds). A resent batch carries a newer value.")
+    records: list[TelemetryRecord] = Field(min_length=1, description="Records in seq order.")
+
+
+class Status(_Message):
+    """Payload of ``edgeml/v1/{fleet}/{device}/status`` (QoS 1, retained, also the last will)."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    device: str
+    state: Literal["online", "offline"]
+    ts: float = Field(description="Unix seconds. For the last will: the time of the connection it belongs to.")
+    reason: Literal["connected", "shutdown", "connection_lost"]
+    agent_version: str
+    stream: str
+
+
+class ModelRef(_Message):
+    name: str
+    version: str
+    url: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    size: int | None = Field(None, ge=0)
+
+
+class DesiredState(_Message):
+    """Payload of ``edgeml/v1/{fleet}/{device}/desired`` (QoS 1, retained; written by the coordinator only)."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    revision: int = Field(ge=1, description="Grows with every change; the agent ignores a revision not newer than the last one applied.")
+    issued_at: float
+    expires_at: float | None = None
+    model: ModelRef | None = None
+    shadow: ModelRef | None = None
+    signature: str | None = Field(None, description="ed25519 signature (base64) over the canonical document without this field.")
+
+
+#: Every message type, by the topic leaf it travels on.
+MESSAGES: dict[str, type[BaseModel]] = {
+    "telemetry": TelemetryBatch,
+    "status": Status,
+    "desired": DesiredState,
+}

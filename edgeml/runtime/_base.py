@@ -1,0 +1,101 @@
+"""The Runtime interface every inference engine implements."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._exceptions import InputError
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """Name, shape (``None`` for a dynamic dimension) and dtype of a model input or output.
+
+    ``dtype`` is what callers pass and receive. ``quantized`` marks a tensor that the
+    engine stores as integers; the runtime converts at the boundary.
+    """
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: np.dtype
+    quantized: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name, "quantized": self.quantized}
+
+    def example(self) -> np.ndarray:
+        """A zero-filled input of this spec (dynamic dimensions set to 1)."""
+        return np.zeros([d if d is not None else 1 for d in self.shape], dtype=self.dtype)
+
+
+class Runtime(abc.ABC):
+    """One loaded model in one inference engine.
+
+    ``run`` takes arrays already checked by :meth:`prepare` and returns every output by
+    name. Implementations must be safe to call from several threads.
+    """
+
+    engine: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    metadata: Mapping[str, str]
+
+    @abc.abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release engine resources."""
+
+    def warm_up(self, runs: int) -> None:
+        feeds = {spec.name: spec.example() for spec in self.inputs}
+        for _ in range(runs):
+            self.run(feeds)
+
+    def prepare(self, raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Check and convert caller inputs; :class:`InputError` says what is wrong."""
+        if not isinstance(raw, Mapping):
+            raise InputError('"inputs" must be an object mapping input names to arrays')
+        feeds: dict[str, np.ndarray] = {}
+        for spec in self.inputs:
+            try:
+                value = raw[spec.name]
+            except KeyError:
+                expected = ", ".join(s.name for s in self.inputs)
+                raise InputError(f"missing input {spec.name!r} (model inputs: {expected})") from None
+            feeds[spec.name] = _convert(spec, value)
+        if len(raw) != len(feeds):
+            unknown = sorted(set(raw) - set(feeds))
+            raise InputError(f"unknown input(s) {unknown} (model inputs: {', '.join(feeds)})")
+        return feeds
+
+
+def _convert(spec: TensorSpec, value: Any) -> np.ndarray:
+    if type(value) is np.ndarray and value.dtype == spec.dtype:
+        arr = value
+    else:
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"input {spec.name!r}: not a rectangular array ({exc})") from None
+        if arr.dtype.kind not in "biuf":
+            raise InputError(f"input {spec.name!r}: expected numbers of type {spec.dtype.name}, got {arr.dtype.kind!r} data")
+        if arr.dtype.kind == "f" and spec.dtype.kind in "iu":
+            raise InputError(f"input {spec.name!r}: expected integers ({spec.dtype.name}), got floats")
+        arr = arr.astype(spec.dtype, copy=False)
+    if arr.ndim != len(spec.shape):
+        raise InputError(
+            f"input {spec.name!r}: expected {len(spec.shape)} dimensions {_shape_text(spec.shape)}, got shape {list(arr.shape)}"
+        )
+    for have, want in zip(arr.shape, spec.shape, strict=True):
+        if want is not None and have != want:
+            raise InputError(f"input {spec.name!r}: expected shape {_shape_text(spec.shape)}, got {list(arr.shape)}")
+    return arr
+
+
+def _shape_text(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
