@@ -95,7 +95,6 @@ class MqttSettings(_Settings):
     batch_max_records: int = Field(500, ge=1)
     batch_max_bytes: int = Field(256 * 1024, ge=1024)
     bandwidth_limit_bps: int | None = Field(None, ge=1024)
-    ack_timeout_s: float = Field(30.0, gt=0)
 
 
 class TelemetrySettings(_Settings):

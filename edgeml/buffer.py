@@ -41,6 +41,7 @@ import orjson
 import sqlite_utils
 
 from ._exceptions import StorageError
+from ._json import dumps
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ ROW_OVERHEAD = 32
 SCHEMA_VERSION = 1
 #: Records kept in memory when the database cannot be written (disk full), before dropping.
 MEMORY_LIMIT = 200_000
-_DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +205,7 @@ class TelemetryBuffer:
             _, ts, kind, fields = item
             rec = {"seq": seq, "ts": ts, "kind": kind, **fields}
             priority = PRIORITIES[kind]
-        body = orjson.dumps(rec, option=_DUMPS_OPTS)
+        body = dumps(rec)
         return priority, len(body) + ROW_OVERHEAD, body
 
     def flush(self) -> int:

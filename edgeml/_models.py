@@ -1,0 +1,159 @@
+"""The agent's model store: the active model, kept in the data dir across restarts.
+
+Layout::
+
+    {data_dir}/models/{sha256}{suffix}   content-addressed model files
+    {data_dir}/models/active.json        which one is active (written atomically)
+
+A model given at start-up (``model_path``) is loaded and warmed up first; only a model
+that loads is copied into the store and made active. A model that fails leaves the
+active one in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._exceptions import ModelLoadError
+from .runtime import Runtime, load_runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    version: str
+    sha256: str
+    size: int
+    engine: str
+    file: str
+    loaded_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A model ready to serve: the runtime plus what telemetry says about it."""
+
+    info: ModelInfo
+    runtime: Runtime
+    first_output: str
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+    def signature(self) -> dict[str, Any]:
+        return {
+            "inputs": [s.to_json() for s in self.runtime.inputs],
+            "outputs": [s.to_json() for s in self.runtime.outputs],
+        }
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write, fsync, rename, fsync the directory: the file is old or new, never partial."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ModelStore:
+    def __init__(self, root: Path, *, engine: str = "auto", threads: int = 1, warmup_runs: int = 3) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._engine = engine
+        self._threads = threads
+        self._warmup = warmup_runs
+        self._lock = threading.Lock()
+
+    @property
+    def _pointer(self) -> Path:
+        return self.root / "active.json"
+
+    def active_info(self) -> ModelInfo | None:
+        try:
+            return ModelInfo(**json.loads(self._pointer.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            log.error("ignoring unreadable %s: %s", self._pointer, exc)
+            return None
+
+    def load(self, path: Path, *, name: str | None = None, version: str | None = None) -> LoadedModel:
+        """Load and warm up a model file (not yet made active). ModelLoadError on failure."""
+        runtime = load_runtime(path, engine=self._engine, threads=self._threads, warmup_runs=self._warmup)
+        digest = sha256_file(path)
+        info = ModelInfo(
+            name=name or runtime.metadata.get("edgeml.name") or path.stem,
+            version=version or runtime.metadata.get("edgeml.version") or digest[:12],
+            sha256=digest,
+            size=path.stat().st_size,
+            engine=runtime.engine,
+            file=path.name,
+            loaded_at=time.time(),
+        )
+        if not runtime.outputs:
+            raise ModelLoadError(f"model {path} has no outputs")
+        return LoadedModel(info, runtime, runtime.outputs[0].name)
+
+    def install(self, source: Path) -> LoadedModel:
+        """Load ``source``; if it works, copy it into the store and make it active."""
+        candidate = self.load(source)
+        stored = self.root / f"{candidate.info.sha256}{source.suffix}"
+        with self._lock:
+            if not stored.exists():
+                tmp = stored.with_name(f".{stored.name}.tmp")
+                shutil.copyfile(source, tmp)
+                with tmp.open("rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, stored)
+            info = ModelInfo(**{**candidate.info.to_json(), "file": stored.name})
+            atomic_write(self._pointer, json.dumps(info.to_json(), indent=2).encode())
+        return LoadedModel(info, candidate.runtime, candidate.first_output)
+
+    def load_active(self) -> LoadedModel | None:
+        """Load the active model of the store, or None if there is none."""
+        info = self.active_info()
+        if info is None:
+            return None
+        path = self.root / info.file
+        loaded = self.load(path, name=info.name, version=info.version)
+        if loaded.info.sha256 != info.sha256:
+            raise ModelLoadError(f"stored model {path} does not match its recorded sha256")
+        return LoadedModel(info, loaded.runtime, loaded.first_output)

@@ -1,0 +1,352 @@
+"""The agent's composition root: wires buffer, runtime, MQTT sync, local API and jobs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+from pydantic import ValidationError
+
+from . import __version__
+from ._config import AgentConfig, BrokerURL
+from ._exceptions import BrokerNotFound, EdgemlError, ModelError, ModelLoadError, NoModelError
+from ._models import LoadedModel, ModelStore
+from .buffer import TelemetryBuffer
+from .protocol import DESIRED, DesiredState, parse_topic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    outputs: dict[str, Any]
+    model: str
+    version: str
+    latency_us: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"outputs": self.outputs, "model": self.model, "version": self.version, "latency_us": self.latency_us}
+
+
+class Agent:
+    """One device's agent. ``start()`` brings it up, ``predict()`` serves in-process.
+
+    Usage::
+
+        with Agent(load_config("agent.yaml")) as agent:
+            agent.predict({"input": [[0.1, 0.2, 0.3, 0.4]]})
+    """
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.started_at = time.time()
+        self._model: LoadedModel | None = None
+        self._counter_lock = threading.Lock()
+        self._predictions = 0
+        self._errors = 0
+        self._bad_messages = 0
+        self._last_dropped_reported = 0
+        self._desired: DesiredState | None = None
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)
+        self._sample_rate = config.telemetry.sample_rate
+        self._buffer: TelemetryBuffer | None = None
+        self._store: ModelStore | None = None
+        self._sync: Any = None
+        self._api: Any = None
+        self._scheduler: Any = None
+        self._announcer: Any = None
+        self._running = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Agent:
+        cfg = self.config
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._buffer = TelemetryBuffer(
+            self.data_dir / "telemetry.db",
+            max_bytes=cfg.telemetry.buffer_max_bytes,
+            flush_interval_ms=cfg.telemetry.flush_interval_ms,
+            fsync=cfg.telemetry.fsync,
+        )
+        self._buffer.start()
+        self._store = ModelStore(
+            self.data_dir / "models", engine=cfg.runtime.engine, threads=cfg.runtime.threads,
+            warmup_runs=cfg.runtime.warmup_runs,
+        )
+        self.event("agent_started", message=f"edgeml agent {__version__}", data={"pid": os.getpid()})
+        self._load_initial_model()
+        if cfg.api_addr:
+            from .api import LocalAPI
+
+            self._api = LocalAPI(self, *cfg.api_host_port)  # type: ignore[misc]
+            self._api.start()
+        self._start_sync()
+        self._start_jobs()
+        if cfg.discovery.announce and self._api is not None:
+            self._announce()
+        self._running = True
+        return self
+
+    def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        if self._announcer is not None:
+            self._announcer.close()
+            self._announcer = None
+        if self._api is not None:
+            self._api.stop()
+            self._api = None
+        if self._buffer is not None:
+            self.event("agent_stopped")
+            self._buffer.flush()
+        if self._sync is not None:
+            self._sync.stop()
+            self._sync = None
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
+        if self._model is not None:
+            self._model.runtime.close()
+            self._model = None
+        self._running = False
+
+    def __enter__(self) -> Agent:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _load_initial_model(self) -> None:
+        assert self._store is not None
+        path = self.config.model_path
+        if path is not None:
+            try:
+                active = self._store.active_info()
+                from ._models import sha256_file
+
+                if active is None or not Path(path).exists() or sha256_file(Path(path)) != active.sha256:
+                    self._activate(self._store.install(Path(path)))
+                    return
+            except ModelLoadError as exc:
+                log.error("%s", exc)
+                self.event("model_load_failed", level="error", message=str(exc), data={"path": str(path)})
+        try:
+            model = self._store.load_active()
+        except ModelLoadError as exc:
+            log.error("%s", exc)
+            self.event("model_load_failed", level="error", message=str(exc))
+            model = None
+        if model is not None:
+            self._activate(model)
+        else:
+            log.warning("no model loaded: /v1/predict answers 503 until one is")
+
+    def _activate(self, model: LoadedModel) -> None:
+        old, self._model = self._model, model
+        log.info("serving model %s %s (%s)", model.name, model.version, model.info.engine)
+        self.event("model_loaded", data={**model.info.to_json(), **model.signature()})
+        if old is not None:
+            old.runtime.close()
+
+    def load_model(self, path: str | os.PathLike[str]) -> LoadedModel:
+        """Install a model file and serve it; the current model stays if it fails."""
+        assert self._store is not None
+        try:
+            model = self._store.install(Path(path))
+        except ModelLoadError as exc:
+            self.event("model_load_failed", level="error", message=str(exc), data={"path": str(path)})
+            raise
+        self._activate(model)
+        return model
+
+    # ------------------------------------------------------------------ inference
+    def predict(self, inputs: Mapping[str, Any]) -> Prediction:
+        """Run the active model on ``inputs`` (name -> array or nested list).
+
+        Raises NoModelError (no model), InputError (bad inputs) or ModelError.
+        """
+        model = self._model
+        if model is None:
+            raise NoModelError()
+        runtime = model.runtime
+        try:
+            feeds = runtime.prepare(inputs)
+            t0 = time.perf_counter()
+            outputs = runtime.run(feeds)
+            latency = (time.perf_counter() - t0) * 1e6
+        except ModelError:
+            self._count_error()
+            raise
+        except Exception as exc:  # an engine failure on valid inputs
+            self._count_error()
+            raise ModelError(f"inference failed: {exc}") from exc
+        first = next(iter(feeds.values()))
+        batch = int(first.shape[0]) if first.ndim else 1
+        buffer = self._buffer
+        if buffer is not None:
+            buffer.append_prediction(model.name, model.version, latency, batch, model.first_output, outputs[model.first_output])
+            if self._sample_rate and random.random() < self._sample_rate:
+                buffer.append(
+                    "sample",
+                    {"model": model.name, "version": model.version, "inputs": dict(feeds), "outputs": outputs},
+                )
+        with self._counter_lock:
+            self._predictions += 1
+        return Prediction(outputs, model.name, model.version, latency)
+
+    def _count_error(self) -> None:
+        with self._counter_lock:
+            self._errors += 1
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._model
+
+    # ------------------------------------------------------------------ telemetry
+    def event(self, name: str, *, level: str = "info", message: str = "", data: dict[str, Any] | None = None) -> None:
+        if self._buffer is not None:
+            self._buffer.append("event", {"name": name, "level": level, "message": message, "data": data or {}})
+
+    def _metrics(self) -> None:
+        assert self._buffer is not None
+        stats = self._buffer.stats()
+        with self._counter_lock:
+            predictions, errors = self._predictions, self._errors
+        self._buffer.append(
+            "metrics",
+            {
+                "cpu_percent": self._process.cpu_percent(None),
+                "rss_bytes": self._process.memory_info().rss,
+                "uptime_s": round(time.time() - self.started_at, 3),
+                "predictions_total": predictions,
+                "prediction_errors_total": errors,
+                "buffer_records": stats.records + stats.pending,
+                "buffer_bytes": stats.bytes,
+                "dropped_total": stats.dropped_total,
+                "dropped": stats.dropped,
+            },
+        )
+        if stats.dropped_total > self._last_dropped_reported:
+            self.event(
+                "telemetry_dropped", level="warning",
+                message=f"buffer budget exceeded: {stats.dropped_total - self._last_dropped_reported} records dropped",
+                data={"dropped": stats.dropped, "budget_bytes": self.config.telemetry.buffer_max_bytes},
+            )
+            self._last_dropped_reported = stats.dropped_total
+
+    def flush_metrics(self) -> None:
+        """Record a metrics sample now (also runs on the scheduler)."""
+        self._metrics()
+
+    # ------------------------------------------------------------------ sync
+    def _start_sync(self) -> None:
+        from .sync import MqttSync
+
+        assert self._buffer is not None
+        self._last_dropped_reported = self._buffer.stats().dropped_total
+        self._sync = MqttSync(self.config, self._buffer, agent_version=__version__, on_message=self._on_message)
+        broker = self.config.broker_url
+        if broker is None and self.config.discovery.browse:
+            try:
+                from .discovery import find_broker
+
+                broker = find_broker(self.config.discovery.timeout_s)
+            except BrokerNotFound as exc:
+                log.warning("%s; running offline, telemetry is kept in the buffer", exc)
+                self.event("broker_not_found", level="warning", message=str(exc))
+        if broker is not None:
+            self._sync.start(broker)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        """Runs on paho's network thread: validate and hand over, never block."""
+        from .sync import MAX_INCOMING_BYTES
+
+        try:
+            _, _, leaf = parse_topic(topic)
+            if leaf != DESIRED:
+                raise ValueError(f"unexpected topic {topic}")
+            if len(payload) > MAX_INCOMING_BYTES:
+                raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_INCOMING_BYTES}")
+            desired = DesiredState.model_validate_json(payload)
+        except (ValueError, ValidationError) as exc:
+            with self._counter_lock:
+                self._bad_messages += 1
+            reason = str(exc).splitlines()[0][:300]
+            log.warning("rejected message on %s: %s", topic, reason)
+            self.event("bad_message", level="warning", message=reason, data={"topic": topic, "bytes": len(payload)})
+            return
+        self._desired = desired
+        self.event("desired_received", data={"revision": desired.revision})
+
+    # ------------------------------------------------------------------ jobs
+    def _start_jobs(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        tel = self.config.telemetry
+        scheduler = BackgroundScheduler(daemon=True)
+        scheduler.add_job(self._metrics, "interval", seconds=tel.metrics_interval_s, id="metrics",
+                          coalesce=True, max_instances=1)
+        scheduler.add_job(self._housekeeping, "interval", seconds=tel.housekeeping_interval_s, id="housekeeping",
+                          coalesce=True, max_instances=1)
+        scheduler.start()
+        self._scheduler = scheduler
+
+    def _housekeeping(self) -> None:
+        if self._buffer is not None:
+            self._buffer.housekeeping()
+
+    def _announce(self) -> None:
+        """Announce the local API on the LAN, in the background (probing takes seconds)."""
+
+        def register() -> None:
+            try:
+                from .discovery import Announcer
+
+                self._announcer = Announcer(self.config.device_id, self.config.fleet, self._api.port, __version__)
+            except Exception as exc:  # zeroconf needs multicast; a device without it still works
+                log.warning("cannot announce the agent on the LAN: %s", exc)
+
+        threading.Thread(target=register, name="edgeml-announce", daemon=True).start()
+
+    # ------------------------------------------------------------------ status
+    def health(self) -> dict[str, Any]:
+        model = self._model
+        return {
+            "status": "ok" if model is not None else "no_model",
+            "model": model.name if model else None,
+            "version": model.version if model else None,
+        }
+
+    def status(self) -> dict[str, Any]:
+        model = self._model
+        with self._counter_lock:
+            counters = {"predictions": self._predictions, "prediction_errors": self._errors,
+                        "bad_messages": self._bad_messages}
+        buffer = self._buffer.stats().to_json() if self._buffer else None
+        sync = self._sync.stats() if self._sync else {"connected": False, "broker": None}
+        return {
+            "running": self._running,
+            "agent_version": __version__,
+            "device_id": self.config.device_id,
+            "fleet": self.config.fleet,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "model": ({**model.info.to_json(), **model.signature()} if model else None),
+            "desired_revision": self._desired.revision if self._desired else None,
+            "counters": counters,
+            "buffer": buffer,
+            "sync": sync,
+            "api": f"http://{self._api.host}:{self._api.port}" if self._api else None,
+        }
+
+
+__all__ = ["Agent", "Prediction"]

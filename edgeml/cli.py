@@ -1,0 +1,157 @@
+"""``edgeml`` command line: a thin layer over the same core the APIs use.
+
+Domain errors become messages and exit codes here, in one place: 0 success,
+1 runtime failure, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from ._exceptions import ConfigError, EdgemlError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeml", description="edgeml: edge-ML fleet system")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    agent = sub.add_parser("agent", help="the device agent")
+    agent_sub = agent.add_subparsers(dest="action", metavar="ACTION", required=True)
+    run = agent_sub.add_parser("run", help="run the agent in the foreground")
+    run.add_argument("--config", "-c", metavar="FILE", help="YAML settings (the environment wins)")
+    status = agent_sub.add_parser("status", help="show an agent's status")
+    status.add_argument("--config", "-c", metavar="FILE", help="the agent's YAML settings")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    demo = sub.add_parser("demo", help="run a local agent with a model and a broker, end to end")
+    demo.add_argument("--predictions", type=int, default=2000, help="predictions to make (default 2000)")
+    demo.add_argument("--broker", metavar="URL", help="use this broker instead of starting one")
+    demo.add_argument("--headless", action="store_true", help="plain output; exit 0 only if every check passed")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"edgeml {__version__}")
+        return 0
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    try:
+        if args.command == "agent" and args.action == "run":
+            return _agent_run(args)
+        if args.command == "agent" and args.action == "status":
+            return _agent_status(args)
+        if args.command == "demo":
+            from ._demo import run_demo
+
+            return run_demo(predictions=args.predictions, broker=args.broker, headless=args.headless)
+    except ConfigError as exc:
+        print(f"edgeml: error: {exc}", file=sys.stderr)
+        return 2
+    except EdgemlError as exc:
+        print(f"edgeml: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _agent_run(args: argparse.Namespace) -> int:
+    from ._config import load_config
+    from .agent import Agent
+
+    config = load_config(args.config)
+    _setup_logging(config.log_level)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    agent = Agent(config)
+    agent.start()
+    status = agent.status()
+    model = status["model"]
+    print(
+        f"edgeml agent {config.fleet}/{config.device_id} running: API {status['api'] or 'off'}, "
+        f"broker {status['sync'].get('broker') or 'none (offline)'}, "
+        f"model {model['name'] + ' ' + model['version'] if model else 'none'}, data {config.data_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        agent.stop()
+    return 0
+
+
+def _agent_status(args: argparse.Namespace) -> int:
+    from ._config import load_config
+    from .buffer import inspect
+    from .client import AgentClient, AgentUnavailable
+
+    config = load_config(args.config)
+    doc: dict[str, Any]
+    try:
+        if not config.api_addr:
+            raise AgentUnavailable("local API is off")
+        with AgentClient(f"http://{config.api_addr}", timeout=2.0) as client:
+            doc = client.status()
+    except AgentUnavailable:
+        stats = inspect(config.data_dir / "telemetry.db")
+        from ._models import ModelStore
+
+        info = ModelStore(config.data_dir / "models").active_info() if config.data_dir.exists() else None
+        doc = {
+            "running": False,
+            "device_id": config.device_id,
+            "fleet": config.fleet,
+            "model": info.to_json() if info else None,
+            "buffer": stats.to_json() if stats else None,
+            "sync": {"connected": False, "broker": str(config.broker_url) if config.broker_url else None},
+        }
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        print(_status_text(doc))
+    return 0
+
+
+def _status_text(doc: dict[str, Any]) -> str:
+    model = doc.get("model")
+    buf = doc.get("buffer") or {}
+    sync = doc.get("sync") or {}
+    last = buf.get("last_ack_ts")
+    lines = [
+        f"device      {doc.get('fleet')}/{doc.get('device_id')} ({'running' if doc.get('running') else 'not running'})",
+        f"model       {model['name'] + ' ' + model['version'] + ' (' + model['engine'] + ')' if model else 'none'}",
+        f"buffer      {buf.get('records', 0)} records, {buf.get('bytes', 0)} bytes",
+        f"dropped     {buf.get('dropped_total', 0)} {buf.get('dropped') or ''}".rstrip(),
+        f"broker      {sync.get('broker') or 'none'} ({'connected' if sync.get('connected') else 'not connected'})",
+        f"last sync   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last)) if last else 'never'}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

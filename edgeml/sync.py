@@ -1,0 +1,273 @@
+"""MQTT session: publishes the telemetry buffer in batches, receives the desired state.
+
+Threads
+    paho's network thread runs the ``_on_*`` callbacks; they never touch SQLite. They
+    hand acknowledgements to the publisher thread through a queue. The publisher
+    thread (``_publish_loop``) owns the cursor, reads batches from the buffer,
+    publishes them and deletes acknowledged records.
+
+Delivery
+    QoS 1, persistent session (clean_session false), at most ``max_inflight`` batches
+    unacknowledged. A record leaves the buffer only after the PUBACK of the message
+    that carried it. On reconnection paho resends unacknowledged messages (DUP); after
+    a restart the publisher starts again from the oldest record in the buffer. Either
+    way the only duplicates are records of unacknowledged messages, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from ._config import AgentConfig, BrokerURL
+from ._exceptions import StorageError
+from .buffer import TelemetryBuffer
+from .protocol import PROTOCOL_VERSION, Topics
+
+log = logging.getLogger(__name__)
+
+#: Largest message accepted on the agent's own topics.
+MAX_INCOMING_BYTES = 256 * 1024
+
+
+@dataclass(slots=True)
+class _InFlight:
+    first: int
+    last: int
+    count: int
+    size: int
+    sent: float
+
+
+class _TokenBucket:
+    """Bandwidth cap: ``take(n)`` sleeps until ``n`` bytes may be sent."""
+
+    def __init__(self, rate_bps: int) -> None:
+        self.rate = float(rate_bps)
+        self.tokens = self.rate
+        self.stamp = time.monotonic()
+
+    def take(self, n: int, stop: threading.Event) -> None:
+        while not stop.is_set():
+            now = time.monotonic()
+            self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= min(n, self.rate):
+                self.tokens -= n
+                return
+            stop.wait((min(n, self.rate) - self.tokens) / self.rate)
+
+
+class MqttSync:
+    """The agent's MQTT session. ``start()`` connects in the background and keeps trying."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        buffer: TelemetryBuffer,
+        *,
+        agent_version: str,
+        on_message: Callable[[str, bytes], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.buffer = buffer
+        self.topics = Topics(config.fleet, config.device_id)
+        self.agent_version = agent_version
+        self.on_message = on_message
+        self.broker: BrokerURL | None = None
+        self.connected = threading.Event()
+        self.last_publish_ts: float | None = None
+        self.published_records = 0
+        self.acked_records = 0
+        self.connects = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._inflight: dict[int, _InFlight] = {}
+        self._inflight_lock = threading.Lock()
+        self._cursor = 0
+        self._thread: threading.Thread | None = None
+        settings = config.mqtt
+        self._bucket = _TokenBucket(settings.bandwidth_limit_bps) if settings.bandwidth_limit_bps else None
+        self._prefix = (
+            b'{"v":%d,"fleet":%s,"device":%s,"stream":%s,"sent_at":'
+            % (PROTOCOL_VERSION, orjson.dumps(config.fleet), orjson.dumps(config.device_id), orjson.dumps(buffer.stream))
+        )
+        self._client = self._make_client()
+        buffer.add_listener(self._wake.set)
+
+    # ------------------------------------------------------------------ setup
+    def _status(self, state: str, reason: str) -> bytes:
+        return orjson.dumps(
+            {
+                "v": PROTOCOL_VERSION, "device": self.config.device_id, "state": state, "ts": time.time(),
+                "reason": reason, "agent_version": self.agent_version, "stream": self.buffer.stream,
+            }
+        )
+
+    def _make_client(self) -> mqtt.Client:
+        settings = self.config.mqtt
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.config.client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
+        client.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
+        client.max_inflight_messages_set(settings.max_inflight + 8)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def start(self, broker: BrokerURL) -> None:
+        """Connect to ``broker`` in the background and start publishing."""
+        self.broker = broker
+        settings = self.config.mqtt
+        if broker.username:
+            self._client.username_pw_set(broker.username, broker.password)
+        if broker.tls:
+            self._client.tls_set(
+                ca_certs=str(settings.ca_file) if settings.ca_file else None,
+                certfile=str(settings.cert_file) if settings.cert_file else None,
+                keyfile=str(settings.key_file) if settings.key_file else None,
+            )
+        self._client.will_set(self.topics.status, self._status("offline", "connection_lost"), qos=1, retain=True)
+        self._cursor = (self.buffer.oldest_seq() or self.buffer.stats().next_seq) - 1
+        self._client.connect_async(broker.host, broker.port, keepalive=settings.keepalive_s)
+        self._client.loop_start()
+        self._thread = threading.Thread(target=self._publish_loop, name="edgeml-mqtt-publish", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Drain what can be acknowledged within ``timeout``, say offline, disconnect."""
+        deadline = time.monotonic() + timeout
+        while self.connected.is_set() and time.monotonic() < deadline:
+            self._wake.set()
+            with self._inflight_lock:
+                idle = not self._inflight
+            if idle and self.buffer.read_batch(self._cursor, 1, 1 << 20) is None:
+                break
+            time.sleep(0.02)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._drain_acks()
+        if self.connected.is_set():
+            info = self._client.publish(self.topics.status, self._status("offline", "shutdown"), qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                pass  # not connected any more: the last will says offline
+        self.connected.clear()
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # ------------------------------------------------------------------ paho thread
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.warning("broker %s refused the connection: %s", self.broker, reason)
+            return
+        self.connects += 1
+        log.info("connected to %s (session present: %s)", self.broker, flags.session_present)
+        client.publish(self.topics.status, self._status("online", "connected"), qos=1, retain=True)
+        client.subscribe(self.topics.desired, qos=1)  # re-subscribe on every CONNACK
+        self.connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self.connected.is_set():
+            log.warning("disconnected from %s: %s (reconnecting)", self.broker, reason)
+        self.connected.clear()
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self._acks.put(mid)
+        self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self.on_message is not None:
+            self.on_message(message.topic, message.payload)
+
+    # ------------------------------------------------------------------ publisher thread
+    def _drain_acks(self) -> None:
+        while True:
+            try:
+                mid = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            with self._inflight_lock:
+                item = self._inflight.pop(mid, None)
+            if item is None:
+                continue  # a status message
+            try:
+                self.buffer.ack(item.first, item.last)
+            except StorageError as exc:
+                log.error("%s (the records will be sent again)", exc)
+                continue
+            self.acked_records += item.count
+
+    def _publish_loop(self) -> None:
+        limit = self.config.mqtt.max_inflight
+        while not self._stop.is_set():
+            self._drain_acks()
+            with self._inflight_lock:
+                full = len(self._inflight) >= limit
+            if full or not self.connected.is_set():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                published = self._publish_next()
+            except StorageError as exc:
+                log.error("%s", exc)
+                published = False
+            if not published:
+                self._wake.wait(0.5)
+                self._wake.clear()
+
+    def _publish_next(self) -> bool:
+        settings = self.config.mqtt
+        batch = self.buffer.read_batch(self._cursor, settings.batch_max_records, settings.batch_max_bytes)
+        if batch is None:
+            return False
+        payload = b"".join((self._prefix, repr(time.time()).encode(), b',"records":[', b",".join(batch.bodies), b"]}"))
+        if self._bucket is not None:
+            self._bucket.take(len(payload), self._stop)
+        with self._inflight_lock:  # the PUBACK may arrive before publish() returns
+            info = self._client.publish(self.topics.telemetry, payload, qos=1)
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                log.error("publish failed: %s", mqtt.error_string(info.rc))
+                return False
+            # NO_CONN: paho keeps the message and sends it on reconnection
+            self._inflight[info.mid] = _InFlight(batch.first, batch.last, len(batch), len(payload), time.time())
+        self._cursor = batch.last
+        self.published_records += len(batch)
+        self.last_publish_ts = time.time()
+        return True
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> dict[str, Any]:
+        with self._inflight_lock:
+            inflight = len(self._inflight)
+        return {
+            "broker": str(self.broker) if self.broker else None,
+            "connected": self.connected.is_set(),
+            "connects": self.connects,
+            "inflight_messages": inflight,
+            "published_records": self.published_records,
+            "acked_records": self.acked_records,
+            "last_publish_ts": self.last_publish_ts,
+        }
