@@ -1,0 +1,147 @@
+"""Runtimes: the same outputs through the agent as through the engine called directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from edgeml import Agent, AgentClient, InputError, ModelLoadError, NoModelError, load_config
+from edgeml._testing import models as modelgen
+from edgeml.runtime import load_runtime
+
+from .conftest import agent_env, free_port
+
+X = np.random.default_rng(42).standard_normal((8, 4)).astype(np.float32)
+
+
+def _direct(kind: str, path: Path, x: np.ndarray) -> np.ndarray:
+    """Run the model with the engine's own API, no edgeml code involved."""
+    if kind.startswith("onnx"):
+        import onnxruntime as ort
+
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    it.resize_tensor_input(inp["index"], list(x.shape))
+    it.allocate_tensors()
+    if inp["dtype"] == np.int8:
+        scale, zero = inp["quantization"]
+        x = np.clip(np.round(x / scale) + zero, -128, 127).astype(np.int8)
+    it.set_tensor(inp["index"], x)
+    it.invoke()
+    y = it.get_tensor(out["index"])
+    if out["dtype"] == np.int8:
+        scale, zero = out["quantization"]
+        y = (y.astype(np.float32) - zero) * np.float32(scale)
+    return y
+
+
+def _agent(tmp_path: Path, model: Path | None, **extra: str) -> Agent:
+    env = agent_env(EDGEML_DATA_DIR=tmp_path / "data", EDGEML_API_ADDR=f"127.0.0.1:{free_port()}", **extra)
+    if model is not None:
+        env["EDGEML_MODEL_PATH"] = str(model)
+    return Agent(load_config(env=env))
+
+
+@pytest.mark.parametrize("kind", ["onnx_float", "onnx_int8", "tflite_float", "tflite_int8"])
+def test_agent_matches_engine(kind: str, models: dict[str, Path], tmp_path: Path) -> None:
+    expected = _direct(kind, models[kind], X)
+    with _agent(tmp_path, models[kind]) as agent:
+        assert agent.model is not None and agent.model.info.engine == kind.split("_")[0].replace("tflite", "litert")
+        got = agent.predict({"input": X}).outputs["probs"]
+        np.testing.assert_array_equal(got, expected)
+        # one row at a time (TFLite resizes its batch) and as nested lists
+        for i in range(3):
+            row = agent.predict({"input": X[i : i + 1].tolist()}).outputs["probs"]
+            np.testing.assert_allclose(row, expected[i : i + 1], rtol=0, atol=1e-6)
+        with AgentClient(f"http://{agent.config.api_addr}") as client:
+            answer = client.predict({"input": X.tolist()})
+        np.testing.assert_allclose(np.array(answer["outputs"]["probs"]), expected, rtol=0, atol=1e-6)
+        assert answer["model"] == agent.model.name and answer["latency_us"] > 0
+
+
+def test_quantized_models_agree_with_float(models: dict[str, Path]) -> None:
+    ref = modelgen.reference_forward(X, modelgen.mlp_weights())
+    for kind in ("onnx_int8", "tflite_int8"):
+        rt = load_runtime(models[kind])
+        y = rt.run(rt.prepare({"input": X}))["probs"]
+        assert np.abs(y - ref).max() < 0.06, kind
+        assert rt.inputs[0].dtype == np.float32
+
+
+@pytest.mark.parametrize("mode", ["truncate", "garbage"])
+@pytest.mark.parametrize("kind", ["onnx_float", "tflite_float"])
+def test_corrupt_model_is_a_clear_error(kind: str, mode: str, models: dict[str, Path], tmp_path: Path) -> None:
+    bad = modelgen.corrupt_copy(models[kind], tmp_path / f"bad{models[kind].suffix}", mode=mode)
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_runtime(bad)
+
+
+def test_unsupported_and_missing_model(tmp_path: Path) -> None:
+    (tmp_path / "m.pt").write_bytes(b"not a model at all")
+    with pytest.raises(ModelLoadError, match="unsupported model format"):
+        load_runtime(tmp_path / "m.pt")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_runtime(tmp_path / "nope.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="empty"):
+        load_runtime(tmp_path / "empty.onnx")
+
+
+def test_no_model_answers_503(tmp_path: Path) -> None:
+    with _agent(tmp_path, None) as agent:
+        with pytest.raises(NoModelError):
+            agent.predict({"input": X})
+        base = f"http://{agent.config.api_addr}"
+        r = httpx.post(f"{base}/v1/predict", json={"inputs": {"input": X.tolist()}})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_model"
+        assert httpx.get(f"{base}/v1/health").status_code == 503
+
+
+def test_corrupt_model_keeps_the_model_it_had(models: dict[str, Path], tmp_path: Path) -> None:
+    with _agent(tmp_path, models["onnx_float"]) as agent:
+        before = agent.predict({"input": X}).outputs["probs"]
+    bad = modelgen.corrupt_copy(models["onnx_v2"], tmp_path / "v2.onnx", mode="truncate")
+    with _agent(tmp_path, bad) as agent:  # same data dir: the stored model is still there
+        assert agent.model is not None and agent.model.version == "1.0.0"
+        np.testing.assert_array_equal(agent.predict({"input": X}).outputs["probs"], before)
+        events = [e for e in _events(agent) if e["name"] == "model_load_failed"]
+        assert events and "cannot load" in events[0]["message"]
+        with pytest.raises(ModelLoadError):
+            agent.load_model(bad)
+        assert agent.model.version == "1.0.0"
+        agent.load_model(models["onnx_v2"])
+        assert agent.model.version == "2.0.0"
+
+
+def _events(agent: Agent) -> list[dict]:
+    from edgeml.buffer import iter_records
+
+    buf = agent._buffer
+    assert buf is not None
+    buf.flush()
+    batch = buf.read_batch(0, 10_000, 1 << 30)
+    return [r for r in iter_records(batch.bodies if batch else []) if r["kind"] == "event"]
+
+
+def test_input_errors_in_process(models: dict[str, Path], tmp_path: Path) -> None:
+    with _agent(tmp_path, models["onnx_float"]) as agent:
+        cases = [
+            ({"input": [[1, 2, 3]]}, "expected shape [N, 4], got [1, 3]"),
+            ({"input": [1, 2, 3, 4]}, "expected 2 dimensions"),
+            ({"input": [["a", "b", "c", "d"]]}, "expected numbers"),
+            ({"input": [[1, 2], [3]]}, "not a rectangular array"),
+            ({}, "missing input 'input'"),
+            ({"input": [[1, 2, 3, 4]], "extra": [1]}, "unknown input"),
+            ([1, 2], "must be an object"),
+        ]
+        for inputs, message in cases:
+            with pytest.raises(InputError) as info:
+                agent.predict(inputs)  # type: ignore[arg-type]
+            assert message in str(info.value), (inputs, str(info.value))
+        assert agent.status()["counters"]["prediction_errors"] == len(cases)
