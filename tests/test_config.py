@@ -5,6 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
+
+from edgeml._config import BrokerURL
 
 from edgeml import ConfigError, load_config
 
@@ -71,10 +74,10 @@ def test_unknown_key_and_bad_yaml(tmp_path: Path) -> None:
 def test_example_config_is_valid_and_documents_every_key() -> None:
     cfg = load_config(REPO / "configs" / "agent.yaml", env={})
     text = (REPO / "configs" / "agent.yaml").read_text()
-    for section, model in cfg.model_fields.items():
+    for section in type(cfg).model_fields:
         assert f"{section}:" in text, f"configs/agent.yaml does not document {section}"
         sub = getattr(cfg, section)
-        if hasattr(sub, "model_fields"):
+        if isinstance(sub, BaseModel) and not isinstance(sub, BrokerURL):
             for key in type(sub).model_fields:
                 assert f"{key}:" in text, f"configs/agent.yaml does not document {section}.{key}"
 
