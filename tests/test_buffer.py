@@ -1,0 +1,118 @@
+"""The SQLite telemetry buffer: seq, durability, budget policy, disk full."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeml import StorageError
+from edgeml.buffer import ROW_OVERHEAD, TelemetryBuffer, inspect, iter_records
+
+OUT = np.array([[0.1, 0.7, 0.2]], dtype=np.float32)
+
+
+def _all(buf: TelemetryBuffer) -> list[dict]:
+    batch = buf.read_batch(0, 1_000_000, 1 << 40)
+    return iter_records(batch.bodies) if batch else []
+
+
+def test_seq_is_contiguous_and_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    with TelemetryBuffer(path) as buf:
+        stream = buf.stream
+        for _ in range(10):
+            buf.append_prediction("m", "1", 5.0, 1, "probs", OUT)
+        buf.flush()
+        first = _all(buf)
+        buf.ack(1, 10)  # everything acknowledged: the table is empty now
+    with TelemetryBuffer(path) as buf:
+        assert buf.stream == stream
+        buf.append("event", {"name": "x", "level": "info", "message": "", "data": {}})
+        buf.flush()
+        assert [r["seq"] for r in _all(buf)] == [11]  # never reused, although rows were deleted
+    assert [r["seq"] for r in first] == list(range(1, 11))
+    assert first[0]["summary"] == {"output": "probs", "top1": 1, "score": pytest.approx(0.7), "mean": pytest.approx(1 / 3)}
+
+
+def test_durability_window(tmp_path: Path) -> None:
+    """A record is readable by another connection within the flush interval."""
+    path = tmp_path / "t.db"
+    buf = TelemetryBuffer(path, flush_interval_ms=20)
+    buf.start()
+    try:
+        buf.append("event", {"name": "x", "level": "info", "message": "", "data": {}})
+        t0 = time.monotonic()
+        other = sqlite3.connect(path)
+        while other.execute("SELECT count(*) FROM records").fetchone()[0] == 0:
+            assert time.monotonic() - t0 < 2.0
+            time.sleep(0.002)
+        other.close()
+    finally:
+        buf.close()
+
+
+def test_budget_drops_lowest_priority_oldest_first_and_counts(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    with TelemetryBuffer(path, max_bytes=64 * 1024) as buf:
+        for i in range(50):
+            buf.append("event", {"name": f"e{i}", "level": "info", "message": "", "data": {}})
+        buf.flush()
+        for _ in range(100):
+            buf.append("sample", {"model": "m", "version": "1", "inputs": {"x": np.zeros((4, 8))}, "outputs": {}})
+        for _ in range(600):
+            buf.append_prediction("m", "1", 5.0, 1, "probs", OUT)
+        buf.flush()
+        stats = buf.stats()
+        records = _all(buf)
+    assert stats.bytes <= 64 * 1024
+    assert stats.dropped["sample"] == 100  # every sample went before any prediction
+    assert stats.dropped["prediction"] > 0 and "event" not in stats.dropped
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("event") == 50 and "sample" not in kinds
+    preds = [r["seq"] for r in records if r["kind"] == "prediction"]
+    assert preds == sorted(preds) and preds[-1] == stats.next_seq - 1  # the newest are kept
+    assert stats.records == len(records)
+    assert stats.bytes == sum(len(b) + ROW_OVERHEAD for b in buf_bodies(path))
+    again = inspect(path)
+    assert again is not None and again.dropped == stats.dropped  # persisted
+
+
+def buf_bodies(path: Path) -> list[bytes]:
+    conn = sqlite3.connect(path)
+    try:
+        return [r[0] for r in conn.execute("SELECT body FROM records")]
+    finally:
+        conn.close()
+
+
+def test_disk_full_keeps_records_in_memory_and_retries(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    buf = TelemetryBuffer(path)
+    pages = buf._conn.execute("PRAGMA page_count").fetchone()[0]
+    buf._conn.execute(f"PRAGMA max_page_count = {pages + 1}")  # the "disk" is now full
+    for _ in range(2000):
+        buf.append_prediction("m", "1", 5.0, 1, "probs", OUT)
+    with pytest.raises(StorageError, match="full"):
+        buf.flush()
+    assert buf.stats().pending == 2000 and buf.stats().storage_errors == 1
+    buf._conn.execute("PRAGMA max_page_count = 1073741823")  # space freed
+    assert buf.flush() == 2000
+    assert [r["seq"] for r in _all(buf)] == list(range(1, 2001))
+    buf.close()
+
+
+def test_ack_deletes_exactly_the_acknowledged_range(tmp_path: Path) -> None:
+    with TelemetryBuffer(tmp_path / "t.db") as buf:
+        for _ in range(30):
+            buf.append_prediction("m", "1", 5.0, 1, "probs", OUT)
+        buf.flush()
+        batch = buf.read_batch(0, 10, 1 << 20)
+        assert batch is not None and (batch.first, batch.last, len(batch)) == (1, 10, 10)
+        assert buf.ack(batch.first, batch.last) == 10
+        nxt = buf.read_batch(batch.last, 1000, 300)  # byte limit: at least one record
+        assert nxt is not None and nxt.first == 11 and len(nxt) == 1
+        assert buf.stats().records == 20 and buf.stats().last_ack_ts is not None
