@@ -16,8 +16,8 @@ import psutil
 from pydantic import ValidationError
 
 from . import __version__
-from ._config import AgentConfig, BrokerURL
-from ._exceptions import BrokerNotFound, EdgemlError, ModelError, ModelLoadError, NoModelError
+from ._config import AgentConfig
+from ._exceptions import BrokerNotFound, ModelError, ModelLoadError, NoModelError
 from ._models import LoadedModel, ModelStore
 from .buffer import TelemetryBuffer
 from .protocol import DESIRED, DesiredState, parse_topic

@@ -26,6 +26,7 @@ Budget and drop policy
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -245,10 +246,8 @@ class TelemetryBuffer:
         return n
 
     def _rollback(self) -> None:
-        try:
+        with contextlib.suppress(sqlite3.Error):  # no transaction was open
             self._conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # no transaction was open
 
     def _shed_memory(self) -> None:
         """While the disk refuses writes, keep at most MEMORY_LIMIT records in memory."""

@@ -16,6 +16,7 @@ Delivery
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -168,10 +169,8 @@ class MqttSync:
         self._drain_acks()
         if self.connected.is_set():
             info = self._client.publish(self.topics.status, self._status("offline", "shutdown"), qos=1, retain=True)
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):  # disconnected: the will says offline
                 info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
-            except (RuntimeError, ValueError):
-                pass  # not connected any more: the last will says offline
         self.connected.clear()
         self._client.disconnect()
         self._client.loop_stop()

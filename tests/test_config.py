@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from edgeml._config import BrokerURL
-
 from edgeml import ConfigError, load_config
+from edgeml._config import BrokerURL
 
 REPO = Path(__file__).resolve().parent.parent
 
