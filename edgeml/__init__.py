@@ -25,7 +25,15 @@ from ._exceptions import (  # noqa: E402
     SyncError,
 )
 from .agent import Agent, Prediction  # noqa: E402
-from .client import AgentClient, AgentUnavailable  # noqa: E402
+
+
+def __getattr__(name: str) -> object:
+    # the HTTP client (httpx) is for applications; the agent itself does not load it
+    if name in ("AgentClient", "AgentUnavailable"):
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'edgeml' has no attribute {name!r}")
 
 __all__ = [
     "Agent",

@@ -8,9 +8,6 @@ the subscriber exactly as docs/protocol.md says.
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -21,39 +18,7 @@ import numpy as np
 import orjson
 
 from ._config import AgentConfig, parse_broker_url
-from ._exceptions import EdgemlError
-
-
-class _Broker:
-    def __init__(self, workdir: Path) -> None:
-        if shutil.which("mosquitto") is None:
-            raise EdgemlError("the demo needs Mosquitto on the PATH (apt install mosquitto) or --broker URL")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {workdir}/\nmax_queued_messages 0\nlog_dest none\n"
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise EdgemlError("mosquitto did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
+from ._testing.broker import MosquittoBroker, free_port
 
 
 class _Subscriber:
@@ -98,7 +63,7 @@ def run_demo(predictions: int = 2000, broker: str | None = None, headless: bool 
         root = Path(tmp)
         own_broker = None
         if broker is None:
-            own_broker = _Broker(root)
+            own_broker = MosquittoBroker(root / "broker")
             own_broker.start()
             url = parse_broker_url(f"mqtt://127.0.0.1:{own_broker.port}")
             ui.say(f"broker     Mosquitto on {url}")
@@ -107,9 +72,7 @@ def run_demo(predictions: int = 2000, broker: str | None = None, headless: bool 
             ui.say(f"broker     {url}")
         model = build_onnx_mlp(root / "classifier.onnx", n_in=8, n_hidden=32, n_out=4, name="classifier", version="1.0.0")
         subscriber = _Subscriber(url.host, url.port)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            api_port = s.getsockname()[1]
+        api_port = free_port()
         config = AgentConfig(
             device_id="demo-device", fleet="demo", data_dir=root / "agent", broker_url=url, model_path=model,
             api_addr=f"127.0.0.1:{api_port}", discovery={"browse": False, "announce": False},

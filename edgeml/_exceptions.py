@@ -10,6 +10,7 @@ module boundary with ``raise ... from exc`` so callers never see them.
     │   ├── ModelLoadError     corrupt, truncated or unsupported model file
     │   ├── NoModelError       no model is loaded (HTTP 503)
     │   └── InputError         wrong name, shape or type of an input (HTTP 400)
+    ├── SignatureError         a signed document or artifact failed verification
     ├── StorageError           the telemetry buffer failed (disk full, corrupt db)
     └── SyncError              MQTT transport failures
         └── BrokerNotFound     no broker URL set and none announced on the LAN
@@ -52,6 +53,19 @@ class NoModelError(ModelError):
 
 class InputError(ModelError):
     """The inputs of a prediction do not match the model's signature."""
+
+
+class SignatureError(EdgemlError):
+    """A signature is missing, made by an untrusted key, or does not match the content.
+
+    ``reason`` is machine-readable: ``missing_signature``, ``unknown_key``,
+    ``bad_signature``, ``digest_mismatch``, ``malformed`` or ``bad_key`` (a key file or
+    PEM that is not an ed25519 key).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class StorageError(EdgemlError):

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 from pydantic import ValidationError
@@ -25,8 +25,9 @@ from .protocol import DESIRED, DesiredState, parse_topic
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Prediction:
+class Prediction(NamedTuple):
+    """What ``Agent.predict`` answers (a NamedTuple: cheap on the hot path)."""
+
     outputs: dict[str, Any]
     model: str
     version: str
@@ -52,6 +53,7 @@ class Agent:
         self._model: LoadedModel | None = None
         self._counter_lock = threading.Lock()
         self._predictions = 0
+        self._prediction_counter = itertools.count(1)
         self._errors = 0
         self._bad_messages = 0
         self._last_dropped_reported = 0
@@ -191,7 +193,7 @@ class Agent:
             self._count_error()
             raise ModelError(f"inference failed: {exc}") from exc
         first = next(iter(feeds.values()))
-        batch = int(first.shape[0]) if first.ndim else 1
+        batch = first.shape[0] if first.ndim else 1
         buffer = self._buffer
         if buffer is not None:
             buffer.append_prediction(model.name, model.version, latency, batch, model.first_output, outputs[model.first_output])
@@ -200,8 +202,7 @@ class Agent:
                     "sample",
                     {"model": model.name, "version": model.version, "inputs": dict(feeds), "outputs": outputs},
                 )
-        with self._counter_lock:
-            self._predictions += 1
+        self._predictions = next(self._prediction_counter)  # atomic under the GIL, no lock
         return Prediction(outputs, model.name, model.version, latency)
 
     def _count_error(self) -> None:

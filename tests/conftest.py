@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,14 +20,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeml._testing import models as modelgen
+from edgeml._testing.broker import MosquittoBroker, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> Any:
@@ -41,51 +35,12 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-class Broker:
-    """A private Mosquitto: persistent, no queue limits, restartable on the same port."""
-
+class Broker(MosquittoBroker):
     def __init__(self, workdir: Path) -> None:
         if shutil.which("mosquitto") is None:
             pytest.skip("mosquitto is not installed")
-        self.port = free_port()
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {self.dir}/\n"
-            "max_queued_messages 0\n"
-            "max_queued_bytes 0\n"
-            "max_inflight_messages 0\n"
-            "log_dest stderr\n"
-            "log_type error\n"
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(workdir)
         self.start()
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-        def accepting() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return True
-            except OSError:
-                return False
-
-        wait_until(accepting, 10, what="mosquitto to listen")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
-            self.proc = None
 
 
 @pytest.fixture

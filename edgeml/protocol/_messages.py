@@ -15,7 +15,9 @@ from ._topics import PROTOCOL_VERSION
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="allow")
+    # defer_build: the agent only validates what it receives (DesiredState); building the
+    # validators of every message up front costs the device ~5 MB of RSS.
+    model_config = ConfigDict(frozen=True, extra="allow", defer_build=True)
 
 
 class _Record(_Message):
@@ -118,7 +120,8 @@ class DesiredState(_Message):
     expires_at: float | None = None
     model: ModelRef | None = None
     shadow: ModelRef | None = None
-    signature: str | None = Field(None, description="ed25519 signature (base64) over the canonical document without this field.")
+    key_id: str | None = Field(None, description="Id of the signing key: first 16 hex characters of the sha256 of the raw ed25519 public key.")
+    signature: str | None = Field(None, description="ed25519 signature (base64) over the canonical document without this field (sorted keys, no whitespace, UTF-8; key_id included).")
 
 
 #: Every message type, by the topic leaf it travels on.

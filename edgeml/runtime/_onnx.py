@@ -55,4 +55,4 @@ class OnnxRuntime(Runtime):
         self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._output_names, self._session.run(self._output_names, feeds), strict=True))
+        return dict(zip(self._output_names, self._session.run(self._output_names, feeds)))  # noqa: B905

@@ -1,0 +1,232 @@
+"""Device agent benchmarks (issue: device agent). Prints one JSON document.
+
+    python bench/bench_agent.py [--quick]
+
+Every figure is a ratio against a baseline measured in the same run, or a rate:
+1. in-process predict (telemetry append included, flusher running) vs bare
+   ``InferenceSession.run`` on the same tiny MLP                     target <= 1.5x
+2. local HTTP predict: requests/s and p99 at 1 and 8 concurrent clients
+3. telemetry append -> broker PUBACK, sustained records/s            target >= 50,000/s
+   and a 100,000-record backlog drained after an outage            target <= 5 s
+4. agent RSS after 10,000 predictions synced vs a bare process that imports
+   onnxruntime and loads the model                                 target <= +30 MB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from edgeml import Agent, AgentConfig
+from edgeml._testing.broker import MosquittoBroker, free_port
+from edgeml._testing.models import build_onnx_mlp
+
+QUIET = {"browse": False, "announce": False}
+
+
+def _config(root: Path, model: Path, broker: str | None = None, **kw: object) -> AgentConfig:
+    return AgentConfig(
+        device_id="bench", fleet="bench", data_dir=root, model_path=model, broker_url=broker,
+        api_addr=kw.pop("api_addr", None), discovery=QUIET, **kw,  # type: ignore[arg-type]
+    )
+
+
+def bench_inprocess(tmp: Path, model: Path, n: int) -> dict:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
+    feeds = {"input": x}
+    agent = Agent(_config(tmp / "inproc", model)).start()
+    bare_times, agent_times = [], []
+    try:
+        for _ in range(5):  # interleaved rounds: both see the same machine state
+            t0 = time.perf_counter()
+            for _ in range(n):
+                sess.run(["probs"], feeds)
+            bare_times.append((time.perf_counter() - t0) / n)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                agent.predict(feeds)
+            agent._buffer.flush()  # the flusher's work is part of the cost
+            agent_times.append((time.perf_counter() - t0) / n)
+    finally:
+        agent.stop()
+    bare, with_agent = statistics.median(bare_times), statistics.median(agent_times)
+    return {
+        "bare_run_us": round(bare * 1e6, 2),
+        "agent_predict_us": round(with_agent * 1e6, 2),
+        "ratio": round(with_agent / bare, 2),
+        "target_ratio": 1.5,
+    }
+
+
+def _load(base: str, clients: int, seconds: float) -> dict:
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    stop = time.monotonic() + seconds
+    body = {"inputs": {"input": [[0.1, 0.2, 0.3, 0.4]]}}
+
+    def worker(i: int) -> None:
+        with httpx.Client(base_url=base) as client:
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                r = client.post("/v1/predict", json=body)
+                latencies[i].append(time.perf_counter() - t0)
+                assert r.status_code == 200
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    lat = np.concatenate([np.array(x) for x in latencies])
+    return {
+        "clients": clients,
+        "requests_per_s": round(len(lat) / elapsed),
+        "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3),
+        "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 3),
+    }
+
+
+def bench_http(tmp: Path, model: Path, seconds: float) -> dict:
+    """The agent runs in its own process; the load comes from this one (httpx, keep-alive)."""
+    port = free_port()
+    env = {**os.environ, "EDGEML_DATA_DIR": str(tmp / "http"), "EDGEML_MODEL_PATH": str(model),
+           "EDGEML_API_ADDR": f"127.0.0.1:{port}", "EDGEML_DISCOVERY__BROWSE": "false",
+           "EDGEML_DISCOVERY__ANNOUNCE": "false", "EDGEML_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgeml.cli", "agent", "run"], env=env,
+                            stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/v1/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        return {"note": "client threads in the benchmark process, agent in its own; 2 cores shared",
+                "runs": [_load(base, c, seconds) for c in (1, 8)]}
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def _drained(agent: Agent) -> bool:
+    s = agent.status()["buffer"]
+    return s["records"] == 0 and s["pending"] == 0
+
+
+def bench_telemetry(tmp: Path, model: Path, n: int, backlog: int) -> dict:
+    broker = MosquittoBroker(tmp / "broker").start()
+    x = {"input": np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)}
+    try:
+        agent = Agent(_config(tmp / "tel", model, broker.url)).start()
+        try:
+            while not agent.status()["sync"]["connected"]:
+                time.sleep(0.05)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                agent.predict(x)
+            appended = time.perf_counter() - t0
+            while not _drained(agent):
+                time.sleep(0.005)
+            sustained = n / (time.perf_counter() - t0)
+        finally:
+            agent.stop()
+        broker.stop()  # outage: a backlog accumulates
+        agent = Agent(_config(tmp / "backlog", model, broker.url)).start()
+        try:
+            for _ in range(backlog):
+                agent.predict(x)
+            agent._buffer.flush()
+            waiting = agent.status()["buffer"]["records"]
+            broker.start()
+            t0 = time.perf_counter()
+            while not _drained(agent):
+                time.sleep(0.005)
+            drain = time.perf_counter() - t0
+        finally:
+            agent.stop()
+    finally:
+        broker.stop()
+    return {
+        "records": n,
+        "append_s": round(appended, 3),
+        "sustained_records_per_s": round(sustained),
+        "target_records_per_s": 50_000,
+        "backlog_records": waiting,
+        "backlog_drain_s": round(drain, 3),
+        "backlog_records_per_s": round(waiting / drain),
+        "target_drain_s": 5.0,
+    }
+
+
+_RSS_BARE = """
+import onnxruntime as ort, psutil, sys
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+print(psutil.Process().memory_info().rss)
+"""
+
+_RSS_AGENT = """
+import sys, time, numpy as np, psutil
+from edgeml import Agent, AgentConfig
+cfg = AgentConfig(device_id="rss", data_dir=sys.argv[2], model_path=sys.argv[1], broker_url=sys.argv[3],
+                  api_addr="127.0.0.1:0", discovery={"browse": False, "announce": False})
+agent = Agent(cfg).start()
+x = {"input": np.zeros((1, 4), dtype=np.float32)}
+for _ in range(10_000):
+    agent.predict(x)
+while agent.status()["buffer"]["records"] or agent.status()["buffer"]["pending"]:
+    time.sleep(0.05)
+print(psutil.Process().memory_info().rss)
+agent.stop()
+"""
+
+
+def bench_rss(tmp: Path, model: Path) -> dict:
+    broker = MosquittoBroker(tmp / "rss-broker").start()
+    try:
+        bare = int(subprocess.check_output([sys.executable, "-c", _RSS_BARE, str(model)]))
+        agent = int(subprocess.check_output([sys.executable, "-c", _RSS_AGENT, str(model), str(tmp / "rss"), broker.url]))
+    finally:
+        broker.stop()
+    return {"bare_mb": round(bare / 2**20, 1), "agent_mb": round(agent / 2**20, 1),
+            "extra_mb": round((agent - bare) / 2**20, 1), "target_extra_mb": 30}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller runs (smoke test)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="edgeml-bench-") as d:
+        tmp = Path(d)
+        model = build_onnx_mlp(tmp / "mlp.onnx")
+        result = {
+            "inprocess_predict": bench_inprocess(tmp, model, 2_000 if args.quick else 20_000),
+            "http_predict": bench_http(tmp, model, 1.0 if args.quick else 5.0),
+            "telemetry": bench_telemetry(tmp, model, 20_000 if args.quick else 300_000,
+                                         10_000 if args.quick else 100_000),
+            "rss": bench_rss(tmp, model),
+        }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

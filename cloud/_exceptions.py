@@ -1,0 +1,118 @@
+"""The coordinator's exception tree.
+
+Every error the cloud side raises derives from :class:`CloudError`. Errors from
+dependencies (sqlite3, psycopg, paho-mqtt) are translated at the module boundary with
+``raise ... from exc`` so callers never see them.
+
+    CloudError
+    ├── ConfigError        a setting or URL is invalid
+    ├── StoreError         the store failed (database down, locked, disk full); transient
+    │   ├── NotFound       no such row (a device that was never registered)
+    │   ├── Conflict       a write contradicts what is stored
+    │   └── MigrationError a schema migration failed; fatal
+    ├── IngestError        the ingestor cannot run (broker refused, not started)
+    │   └── PoisonMessage  one message is unusable; ``reason`` names why (counted, acked, skipped)
+    ├── InvalidModel       a model file is corrupt, truncated or of an unsupported format
+    ├── KeyFileError       a signing key cannot be written
+    │   └── KeyFileExists  refusing to overwrite a key (pass force=True)
+    └── ArtifactError      the artifact store cannot read or write (disk full); transient
+        ├── InvalidDigest        not a sha256 (64 lowercase hex characters); HTTP 400
+        ├── ArtifactNotFound     no artifact (or signature) with that sha256; HTTP 404
+        └── RangeNotSatisfiable  a Range header outside the file; HTTP 416
+
+``transient`` tells the recovery an error needs: retry later (True) or report (False).
+"""
+
+from __future__ import annotations
+
+
+class CloudError(Exception):
+    """Root of every error raised by the edgeml coordinator."""
+
+    transient: bool = False
+
+
+class ConfigError(CloudError):
+    """A setting or URL is invalid."""
+
+
+class StoreError(CloudError):
+    """The store cannot read or write (connection lost, database locked, disk full)."""
+
+    transient = True
+
+
+class NotFound(StoreError):
+    """The row asked for does not exist."""
+
+    transient = False
+
+
+class Conflict(StoreError):
+    """The write contradicts what is stored."""
+
+    transient = False
+
+
+class MigrationError(StoreError):
+    """A schema migration failed; the store is left at the previous version."""
+
+    transient = False
+
+
+class IngestError(CloudError):
+    """The ingestor cannot run."""
+
+    transient = True
+
+
+class PoisonMessage(IngestError):
+    """A message that can never be ingested. ``reason`` is its counter name."""
+
+    transient = False
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class InvalidModel(CloudError):
+    """A model file cannot be inspected: corrupt, truncated or of an unsupported format."""
+
+
+class KeyFileError(CloudError):
+    """A signing key file cannot be written."""
+
+
+class KeyFileExists(KeyFileError):
+    """A key file already exists; overwriting it needs ``force=True``."""
+
+
+class ArtifactError(CloudError):
+    """The artifact store cannot read or write (disk full, permissions)."""
+
+    transient = True
+
+
+class InvalidDigest(ArtifactError):
+    """A sha256 that is not 64 lowercase hex characters."""
+
+    transient = False
+
+
+class ArtifactNotFound(ArtifactError):
+    """No artifact (or no signature) is stored under that sha256."""
+
+    transient = False
+
+
+class RangeNotSatisfiable(ArtifactError):
+    """A Range header that selects no byte of the file. ``size`` is the file's length."""
+
+    transient = False
+
+    def __init__(self, header: str, size: int) -> None:
+        self.header = header
+        self.size = size
+        super().__init__(f"range {header!r} is outside the file ({size} bytes)")

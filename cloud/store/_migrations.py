@@ -1,0 +1,191 @@
+"""Schema migrations: an ordered list of (version, name, SQL per dialect).
+
+``Migrations(store).pending()`` lists what is not applied; ``apply()`` applies it in one
+transaction and records each version in ``schema_version``. Concurrent ``apply()`` calls
+(replicas starting together) serialise: SQLite on ``BEGIN IMMEDIATE``, PostgreSQL on a
+transaction-scoped advisory lock. A version is never applied twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .._exceptions import MigrationError, StoreError
+
+if TYPE_CHECKING:
+    from ._base import Store
+
+#: Arbitrary key of the PostgreSQL advisory lock taken while migrating.
+PG_LOCK_KEY = 0x6564676D6C  # "edgml"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: dict[str, str]  # dialect -> statements separated by ";\n"
+
+    def statements(self, dialect: str) -> list[str]:
+        return [s.strip() for s in self.sql[dialect].split(";\n") if s.strip()]
+
+
+_V1_SQLITE = """
+CREATE TABLE devices (
+    fleet TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    tags TEXT NOT NULL DEFAULT '{}',
+    hardware_profile TEXT,
+    registered_at REAL NOT NULL,
+    last_seen REAL,
+    online INTEGER NOT NULL DEFAULT 0,
+    status TEXT,
+    reported_state TEXT,
+    pre_registered INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (fleet, device_id)
+);
+CREATE TABLE telemetry (
+    fleet TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    body TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (fleet, device_id, stream, seq)
+) WITHOUT ROWID;
+CREATE TABLE ingest_counters (
+    fleet TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    records INTEGER NOT NULL DEFAULT 0,
+    max_seq INTEGER NOT NULL DEFAULT 0,
+    max_contiguous_seq INTEGER NOT NULL DEFAULT 0,
+    gaps INTEGER NOT NULL DEFAULT 0,
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (fleet, device_id, stream)
+);
+CREATE TABLE ingest_errors (
+    reason TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    last_ts REAL NOT NULL
+);
+CREATE TABLE poison_messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    topic TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    size INTEGER NOT NULL
+)
+"""
+
+_V1_POSTGRESQL = """
+CREATE TABLE devices (
+    fleet TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    tags JSONB NOT NULL DEFAULT '{}',
+    hardware_profile TEXT,
+    registered_at DOUBLE PRECISION NOT NULL,
+    last_seen DOUBLE PRECISION,
+    online BOOLEAN NOT NULL DEFAULT FALSE,
+    status JSONB,
+    reported_state JSONB,
+    pre_registered BOOLEAN NOT NULL DEFAULT FALSE,
+    PRIMARY KEY (fleet, device_id)
+);
+CREATE TABLE telemetry (
+    fleet TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    kind TEXT NOT NULL,
+    body JSONB NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (fleet, device_id, stream, seq)
+);
+CREATE TABLE ingest_counters (
+    fleet TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    records BIGINT NOT NULL DEFAULT 0,
+    max_seq BIGINT NOT NULL DEFAULT 0,
+    max_contiguous_seq BIGINT NOT NULL DEFAULT 0,
+    gaps BIGINT NOT NULL DEFAULT 0,
+    duplicates BIGINT NOT NULL DEFAULT 0,
+    first_seen DOUBLE PRECISION NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (fleet, device_id, stream)
+);
+CREATE TABLE ingest_errors (
+    reason TEXT PRIMARY KEY,
+    count BIGINT NOT NULL,
+    last_ts DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE poison_messages (
+    id BIGSERIAL PRIMARY KEY,
+    ts DOUBLE PRECISION NOT NULL,
+    topic TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    size BIGINT NOT NULL
+)
+"""
+
+_V2_BOTH = "CREATE INDEX telemetry_by_ts ON telemetry (fleet, device_id, ts)"
+
+MIGRATIONS: list[Migration] = [
+    Migration(1, "devices, telemetry, counters, errors", {"sqlite": _V1_SQLITE, "postgresql": _V1_POSTGRESQL}),
+    Migration(2, "telemetry by time", {"sqlite": _V2_BOTH, "postgresql": _V2_BOTH}),
+]
+
+_CREATE_VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at {real} NOT NULL)"
+)
+
+
+class Migrations:
+    """``pending()`` and ``apply()`` over a store's schema."""
+
+    def __init__(self, store: Store, migrations: list[Migration] | None = None) -> None:
+        self.store = store
+        self.migrations = sorted(migrations if migrations is not None else MIGRATIONS, key=lambda m: m.version)
+
+    def applied(self) -> list[int]:
+        with self.store.transaction() as tx:
+            return self._applied(tx)
+
+    def pending(self) -> list[Migration]:
+        done = set(self.applied())
+        return [m for m in self.migrations if m.version not in done]
+
+    def apply(self) -> list[int]:
+        """Apply every pending migration in one transaction; return the versions applied."""
+        dialect = self.store.dialect
+        try:
+            with self.store.transaction(write=True) as tx:
+                done = set(self._applied(tx))
+                todo = [m for m in self.migrations if m.version not in done]
+                for m in todo:
+                    for statement in m.statements(dialect):
+                        tx.execute(statement)
+                    tx.execute(
+                        "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                        (m.version, m.name, time.time()),
+                    )
+                return [m.version for m in todo]
+        except StoreError as exc:
+            raise MigrationError(f"schema migration failed: {exc}") from exc
+
+    def _applied(self, tx: object) -> list[int]:
+        if self.store.dialect == "postgresql":  # CREATE TABLE IF NOT EXISTS races without it
+            tx.execute("SELECT pg_advisory_xact_lock(?)", (PG_LOCK_KEY,))  # type: ignore[attr-defined]
+        real = "DOUBLE PRECISION" if self.store.dialect == "postgresql" else "REAL"
+        tx.execute(_CREATE_VERSION_TABLE.format(real=real))  # type: ignore[attr-defined]
+        rows = tx.execute("SELECT version FROM schema_version ORDER BY version").fetchall()  # type: ignore[attr-defined]
+        return [r[0] for r in rows]

@@ -1,0 +1,69 @@
+"""A private Mosquitto on a free port, for tests, benchmarks and the demo."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from .._exceptions import EdgemlError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MosquittoBroker:
+    """Persistent (survives its own restarts), no queue limits, loopback only.
+
+    Mosquitto's default ``max_queued_messages 1000`` silently drops messages for slow
+    subscribers; this configuration lifts it.
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        if shutil.which("mosquitto") is None:
+            raise EdgemlError("Mosquitto is not on the PATH (apt install mosquitto)")
+        self.port = port or free_port()
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.conf = self.dir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.dir}/\n"
+            "max_queued_messages 0\n"
+            "max_queued_bytes 0\n"
+            "max_inflight_messages 0\n"
+            "log_dest stderr\n"
+            "log_type error\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> MosquittoBroker:
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise EdgemlError(f"mosquitto did not listen on port {self.port}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+            self.proc = None
