@@ -21,12 +21,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import Response, StreamingResponse
 
 from ._exceptions import ArtifactError, ArtifactNotFound, InvalidDigest, RangeNotSatisfiable
-
-if TYPE_CHECKING:
-    from fastapi import APIRouter
 
 __all__ = ["CHUNK_SIZE", "Artifact", "ArtifactStore", "artifact_router", "parse_range"]
 
@@ -146,12 +146,18 @@ class ArtifactStore:
             raise ArtifactError(f"artifact {sha256} is damaged on disk (its content hashes to {actual})")
         sig = sign_digest(sha256, private_key)
         path = self.signature_path(sha256)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp_name = ""
         try:
-            tmp.write_bytes(sig)
-            os.replace(tmp, path)
+            fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="sig-")
+            with os.fdopen(fd, "wb") as out:
+                out.write(sig)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, path)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            if tmp_name:
+                Path(tmp_name).unlink(missing_ok=True)
             raise ArtifactError(f"cannot write signature {path}: {exc.strerror}") from exc
         return path
 
@@ -246,9 +252,6 @@ def artifact_router(store: ArtifactStore) -> APIRouter:
     206 with ``Content-Range``. Errors: 400 malformed sha256, 404 unknown, 416 unsatisfiable
     range (with ``Content-Range: bytes */{size}``).
     """
-    from fastapi import APIRouter, HTTPException, Request
-    from fastapi.responses import Response, StreamingResponse
-
     router = APIRouter()
 
     def lookup(sha256: str, get: Any) -> Any:
