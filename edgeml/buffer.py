@@ -137,6 +137,7 @@ class TelemetryBuffer:
         self._thread: threading.Thread | None = None
         self._listeners: list[Callable[[], None]] = []
         self._storage_errors = 0
+        self._in_flush = 0
         self._conn = self._open(fsync)
         self._load_counters()
 
@@ -216,6 +217,7 @@ class TelemetryBuffer:
             n = len(self._queue)
             if not n:
                 return 0
+            self._in_flush = n  # popped but not committed: still "pending" for stats()
             items = [self._queue.popleft() for _ in range(n)]
             seq0 = self._next_seq
             rows = []
@@ -234,6 +236,7 @@ class TelemetryBuffer:
                     self._rollback()
                     self._storage_errors += 1
                     self._queue.extendleft(reversed(items))
+                    self._in_flush = 0
                     self._shed_memory()
                     raise StorageError(f"cannot write telemetry buffer {self.path}: {exc}") from exc
                 self._next_seq = seq0 + n
@@ -241,6 +244,7 @@ class TelemetryBuffer:
                 self._bytes += added
                 if self._bytes > self.max_bytes:
                     self._enforce_budget()
+                self._in_flush = 0
         for callback in self._listeners:
             callback()
         return n
@@ -344,7 +348,7 @@ class TelemetryBuffer:
                 stream=self.stream,
                 records=self._records,
                 bytes=self._bytes,
-                pending=len(self._queue),
+                pending=len(self._queue) + self._in_flush,
                 next_seq=self._next_seq,
                 oldest_seq=self._conn.execute("SELECT min(seq) FROM records").fetchone()[0],
                 dropped=dict(self._dropped),

@@ -275,8 +275,9 @@ class Transaction(ABC):
 class _Pool:
     """A few connections, created on demand, shared by threads."""
 
-    def __init__(self, connect: Callable[[], Any], size: int) -> None:
+    def __init__(self, connect: Callable[[], Any], size: int, broken_by: tuple[type[BaseException], ...]) -> None:
         self._connect = connect
+        self._broken_by = broken_by
         self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(size)
         self._all: list[Any] = []
@@ -294,8 +295,11 @@ class _Pool:
                     self._all.append(conn)
             try:
                 yield conn
+            except self._broken_by:
+                self.discard(conn)  # it may be unusable (server gone); the next call connects again
+                raise
             except BaseException:
-                self.discard(conn)
+                self._idle.put(conn)  # rolled back, still good
                 raise
             self._idle.put(conn)
         finally:
@@ -329,7 +333,7 @@ class Store(ABC):
 
     def __init__(self, url: str, pool_size: int = 4) -> None:
         self.url = url
-        self._pool = _Pool(self._connect, pool_size)
+        self._pool = _Pool(self._connect, pool_size, self.driver_errors)
         self.migrations = Migrations(self)
 
     # ------------------------------------------------------------------ backend hooks

@@ -157,7 +157,7 @@ class Migrations:
         self.migrations = sorted(migrations if migrations is not None else MIGRATIONS, key=lambda m: m.version)
 
     def applied(self) -> list[int]:
-        with self.store.transaction() as tx:
+        with self.store.transaction(write=True) as tx:  # it may create schema_version
             return self._applied(tx)
 
     def pending(self) -> list[Migration]:

@@ -1,0 +1,133 @@
+"""Ingest throughput, broker to store, on loopback: one Ingestor, SQLite then PostgreSQL.
+
+    python bench/bench_ingest.py [--records 200000] [--batch 500] [--devices 4] [--no-postgres]
+
+A child process publishes telemetry batches the way the agent does (paho, QoS 1, at
+most 16 unacknowledged messages per device); the clock runs from the first publish
+until the store's counters show every record committed. Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def publish(port: int, records: int, batch: int, devices: int) -> None:
+    """Child process: publish ``records`` per all devices in batches of ``batch``."""
+    import orjson
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    clients, payloads = [], []
+    per_device = records // devices
+    for d in range(devices):
+        device = f"bench-{d}"
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, f"edgeml-bench-{device}", clean_session=False)
+        client.max_inflight_messages_set(16)
+        client.max_queued_messages_set(0)
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        clients.append(client)
+        now = time.time()
+        for first in range(1, per_device + 1, batch):
+            recs = [
+                {"seq": s, "ts": now, "kind": "prediction", "model": "mlp", "version": "1.0.0", "latency_us": 87.5,
+                 "batch": 1, "summary": {"output": "probs", "top1": 2, "score": 0.91, "mean": 0.33}}
+                for s in range(first, min(first + batch, per_device + 1))
+            ]
+            doc = {"v": 1, "fleet": "bench", "device": device, "stream": "s1", "sent_at": now, "records": recs}
+            payloads.append((client, f"edgeml/v1/bench/{device}/telemetry", orjson.dumps(doc)))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    infos = [c.publish(topic, p, qos=1) for c, topic, p in payloads]
+    for info in infos:
+        info.wait_for_publish(60)
+    for c in clients:
+        c.disconnect()
+        c.loop_stop()
+
+
+def run(store_url: str, port: int, args: argparse.Namespace) -> dict[str, object]:
+    from cloud import Ingestor, open_store
+
+    store = open_store(store_url)
+    total = (args.records // args.devices) * args.devices
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--publish", str(port), "--records", str(args.records), "--batch", str(args.batch),
+         "--devices", str(args.devices)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert child.stdout is not None and child.stdin is not None
+    assert child.stdout.readline().strip() == "ready"
+    ingestor = Ingestor(store, broker_url=f"mqtt://127.0.0.1:{port}", client_id=f"bench-{uuid.uuid4().hex[:6]}")
+    ingestor.start()
+
+    def committed() -> int:
+        return sum(c.records for d in range(args.devices) for c in store.device_counters("bench", f"bench-{d}").values())
+
+    start = time.perf_counter()
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    while committed() < total:
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - start
+    child.wait(60)
+    ingestor.stop()
+    result = {
+        "store": store.dialect, "records": total, "seconds": round(elapsed, 3),
+        "records_per_s": round(total / elapsed), "flushes": ingestor.stats.flushes,
+        "duplicates": ingestor.stats.duplicates,
+    }
+    store.close()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--publish", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.publish:
+        publish(args.publish, args.records, args.batch, args.devices)
+        return
+
+    import psycopg
+
+    from tests.conftest import Broker
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = Broker(Path(tmp) / "broker")
+        try:
+            results.append(run(f"sqlite://{tmp}/bench.db", broker.port, args))
+            if not args.no_postgres:
+                db = f"edgeml_bench_{uuid.uuid4().hex[:8]}"
+                with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                    conn.execute(f"CREATE DATABASE {db}")
+                try:
+                    results.append(run(f"postgresql://postgres@127.0.0.1:5432/{db}", broker.port, args))
+                finally:
+                    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                        conn.execute(f"DROP DATABASE {db} WITH (FORCE)")
+        finally:
+            broker.stop()
+    print(json.dumps({"benchmark": "ingest", "batch": args.batch, "devices": args.devices, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Turn MQTT messages into what the store writes, or into a :class:`PoisonMessage`.
+
+Telemetry is validated in two layers, both fast enough for the ingest hot path:
+the envelope (v, fleet, device, stream, sent_at, records) and, for every record, the
+fields the store relies on (``seq`` an int >= 1, ``ts`` a number, ``kind`` a string).
+Records of a kind this coordinator does not know are stored as they are: the protocol
+lets devices add kinds within v1 and dropping them would show as false gaps.
+``full=True`` also validates records of known kinds with the pydantic models of
+``edgeml.protocol`` (about 3x slower). Status documents are few and always go
+through pydantic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import TypeAdapter, ValidationError
+
+from edgeml.protocol import PROTOCOL_VERSION, Status, TelemetryRecord, check_id, parse_topic
+
+from ._exceptions import PoisonMessage
+from .store import TelemetryBatchIn
+
+# Counter names of rejected messages (``ingest_errors.reason``).
+OVERSIZED = "oversized"
+INVALID_JSON = "invalid_json"
+WRONG_SCHEMA = "wrong_schema"
+TOPIC_MISMATCH = "topic_mismatch"
+BAD_TOPIC = "bad_topic"
+UNKNOWN_DEVICE = "unknown_device"
+
+KNOWN_KINDS = frozenset({"prediction", "sample", "metrics", "event"})
+_RECORDS = TypeAdapter(list[TelemetryRecord])
+_NUMBER = (int, float)
+
+
+def split_topic(topic: str) -> tuple[str, str, str]:
+    """``(fleet, device, leaf)`` of a device topic, or PoisonMessage(bad_topic)."""
+    try:
+        fleet, device, leaf = parse_topic(topic)
+        check_id(fleet, "fleet")
+        check_id(device, "device")
+    except ValueError as exc:
+        raise PoisonMessage(BAD_TOPIC, str(exc)) from exc
+    return fleet, device, leaf
+
+
+def load_object(payload: bytes, limit: int) -> dict[str, Any]:
+    """Parse a JSON object of at most ``limit`` bytes."""
+    if len(payload) > limit:
+        raise PoisonMessage(OVERSIZED, f"{len(payload)} bytes > {limit}")
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise PoisonMessage(INVALID_JSON, str(exc)) from exc
+    if type(doc) is not dict:
+        raise PoisonMessage(WRONG_SCHEMA, f"expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def telemetry(fleet: str, device: str, payload: bytes, *, limit: int, full: bool = False) -> TelemetryBatchIn:
+    doc = load_object(payload, limit)
+    if doc.get("v") != PROTOCOL_VERSION:
+        raise PoisonMessage(WRONG_SCHEMA, f"v must be {PROTOCOL_VERSION}, got {doc.get('v')!r}")
+    stream, records = doc.get("stream"), doc.get("records")
+    if type(stream) is not str or not stream or type(doc.get("sent_at")) not in _NUMBER:
+        raise PoisonMessage(WRONG_SCHEMA, "stream must be a non-empty string and sent_at a number")
+    if doc.get("fleet") != fleet or doc.get("device") != device:
+        raise PoisonMessage(TOPIC_MISMATCH, f"payload is {doc.get('fleet')!r}/{doc.get('device')!r}")
+    if type(records) is not list or not records:
+        raise PoisonMessage(WRONG_SCHEMA, "records must be a non-empty list")
+    for i, r in enumerate(records):
+        if type(r) is not dict:
+            raise PoisonMessage(WRONG_SCHEMA, f"records[{i}] is not an object")
+        seq = r.get("seq")
+        if type(seq) is not int or seq < 1 or type(r.get("ts")) not in _NUMBER or type(r.get("kind")) is not str:
+            raise PoisonMessage(WRONG_SCHEMA, f"records[{i}] needs seq (int >= 1), ts (number), kind (string)")
+    if full:
+        try:
+            _RECORDS.validate_python([r for r in records if r["kind"] in KNOWN_KINDS])
+        except ValidationError as exc:
+            raise PoisonMessage(WRONG_SCHEMA, str(exc).splitlines()[0]) from exc
+    return TelemetryBatchIn(fleet, device, stream, records)
+
+
+def status(device: str, payload: bytes, *, limit: int) -> dict[str, Any]:
+    doc = load_object(payload, limit)
+    try:
+        parsed = Status.model_validate(doc)
+    except ValidationError as exc:
+        raise PoisonMessage(WRONG_SCHEMA, str(exc).splitlines()[0]) from exc
+    if parsed.device != device:
+        raise PoisonMessage(TOPIC_MISMATCH, f"payload is for device {parsed.device!r}")
+    return doc
+
+
+def state(payload: bytes, *, limit: int) -> dict[str, Any]:
+    """The reported state: any JSON object until safe updates specify it."""
+    return load_object(payload, limit)

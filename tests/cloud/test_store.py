@@ -1,0 +1,190 @@
+"""The store on both backends: idempotence, counters, concurrent writers, migrations."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Iterable
+
+import pytest
+
+from cloud import ConfigError, NotFound, Store, open_store
+from cloud.store import MIGRATIONS, StreamCounters
+
+
+def recs(seqs: Iterable[int], kind: str = "prediction") -> list[dict]:
+    return [{"seq": s, "ts": 1000.0 + s, "kind": kind, "model": "mlp", "version": "1"} for s in seqs]
+
+
+def rows(store: Store, fleet: str = "f", device: str = "d") -> list[int]:
+    return [r.seq for r in store.query_telemetry(fleet, device, limit=1_000_000)]
+
+
+def expected(batches: list[list[int]]) -> tuple[int, int, int, int]:
+    """Reference counters: (records, max_contiguous_seq, gaps, duplicates)."""
+    seen: set[int] = set()
+    dups = 0
+    for b in batches:
+        for s in b:
+            dups += s in seen
+            seen.add(s)
+    contiguous = 0
+    while contiguous + 1 in seen:
+        contiguous += 1
+    return len(seen), contiguous, max(seen) - len(seen), dups
+
+
+def test_insert_is_idempotent(store: Store) -> None:
+    assert store.insert_telemetry("f", "d", "s1", recs(range(1, 101))) == (100, 0)
+    assert store.insert_telemetry("f", "d", "s1", recs(range(1, 101))) == (0, 100)
+    assert store.insert_telemetry("f", "d", "s1", recs(range(51, 151))) == (50, 50)
+    assert rows(store) == list(range(1, 151))
+    row = store.query_telemetry("f", "d", limit=1)[0]
+    assert row.body == {"seq": 1, "ts": 1001.0, "kind": "prediction", "model": "mlp", "version": "1"}
+    assert store.insert_telemetry("f", "d", "s2", recs([1])) == (1, 0)  # another stream, same seq
+    assert set(store.device_counters("f", "d")) == {"s1", "s2"}
+
+
+SCENARIOS = {
+    "in order": [[1, 2, 3], [4, 5], [6]],
+    "gap then filled": [[1, 2], [5, 6], [3], [4]],
+    "out of order": [[7, 8, 9], [1, 2, 3], [4, 5, 6]],
+    "duplicates": [[1, 2, 3], [2, 3, 4], [1], [4, 5]],
+    "duplicate in one batch": [[1, 1, 2, 2, 3]],
+    "lasting gap": [[1, 2], [4, 5], [7], [3]],
+    "reverse": [[5], [4], [3], [2], [1]],
+}
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_counters(store: Store, name: str) -> None:
+    batches = SCENARIOS[name]
+    for i, b in enumerate(batches):
+        store.insert_telemetry("f", "d", "s", recs(b))
+        c = store.device_counters("f", "d")["s"]
+        records, contiguous, gaps, dups = expected(batches[: i + 1])
+        assert (c.records, c.max_contiguous_seq, c.gaps, c.duplicates) == (records, contiguous, gaps, dups), (i, c)
+        assert c.max_seq == max(s for b in batches[: i + 1] for s in b)
+    assert rows(store) == sorted({s for b in batches for s in b})
+
+
+def test_counters_random_order(store: Store) -> None:
+    rng = random.Random(5)
+    seqs = list(range(1, 2001))
+    batches = [rng.sample(seqs, rng.randint(1, 60)) for _ in range(80)]
+    for b in batches:
+        store.insert_telemetry("f", "d", "s", recs(b))
+    c = store.device_counters("f", "d")["s"]
+    assert (c.records, c.max_contiguous_seq, c.gaps, c.duplicates) == expected(batches)
+
+
+@pytest.mark.parametrize("shared_store", [True, False], ids=["one-store", "two-stores"])
+def test_concurrent_writers_keep_counters_exact(make_store: Callable[[], Store], shared_store: bool) -> None:
+    first = make_store()
+    stores = [first, first] if shared_store else [first, make_store()]
+    batches = [list(range(i, i + 50)) for i in range(1, 3000, 25)]  # every batch overlaps the next
+    work = [batches[0::2] + batches[1::2], batches[1::2] + batches[0::2]]  # both writers write everything
+    random.Random(3).shuffle(work[1])
+    errors: list[BaseException] = []
+
+    def writer(store: Store, mine: list[list[int]]) -> None:
+        try:
+            for b in mine:
+                store.insert_telemetry("f", "d", "s", recs(b))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(s, w)) for s, w in zip(stores, work, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    c = first.device_counters("f", "d")["s"]
+    distinct = len({s for b in batches for s in b})
+    total = 2 * sum(len(b) for b in batches)
+    assert (c.records, c.max_seq, c.max_contiguous_seq, c.gaps) == (distinct, distinct, distinct, 0)
+    assert c.duplicates == total - distinct
+    assert len(rows(first)) == distinct
+
+
+def test_migrations_apply_once(store_url: str) -> None:
+    versions = [m.version for m in MIGRATIONS]
+    stores: list[Store] = []
+    threads = [threading.Thread(target=lambda: stores.append(open_store(store_url))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(stores) == 3
+    store = stores[0]
+    assert store.migrations.pending() == []
+    assert store.migrations.applied() == versions
+    assert store.migrations.apply() == []
+    with store.transaction() as tx:
+        assert tx.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == len(versions)
+    for s in stores:
+        s.close()
+
+
+def test_migrations_pending_before_apply(store_url: str) -> None:
+    store = open_store(store_url, migrate=False)
+    try:
+        assert [m.version for m in store.migrations.pending()] == [m.version for m in MIGRATIONS]
+        assert store.migrations.apply() == [m.version for m in MIGRATIONS]
+        assert store.migrations.pending() == []
+    finally:
+        store.close()
+
+
+def test_devices(store: Store) -> None:
+    with pytest.raises(NotFound):
+        store.get_device("f", "d")
+    d = store.upsert_device("f", "d", tags={"site": "a"}, hardware_profile="rpi4", pre_registered=True)
+    assert (d.tags, d.hardware_profile, d.pre_registered, d.online, d.last_seen) == ({"site": "a"}, "rpi4", True, False, None)
+    store.set_status("f", "d", {"state": "online", "ts": 1.0}, seen_at=100.0)
+    d = store.get_device("f", "d")
+    assert (d.online, d.last_seen, d.status, d.tags) == (True, 100.0, {"state": "online", "ts": 1.0}, {"site": "a"})
+    store.set_status("f", "d", {"state": "offline"}, seen_at=50.0)  # an older clock never moves last_seen back
+    d = store.get_device("f", "d")
+    assert (d.online, d.last_seen) == (False, 100.0)
+    store.upsert_device("f", "d", tags={"site": "b"})  # other fields kept
+    assert store.get_device("f", "d").hardware_profile == "rpi4"
+    store.upsert_device("g", "x")
+    assert [x.device_id for x in store.list_devices()] == ["d", "x"]
+    assert [x.device_id for x in store.list_devices("g")] == ["x"]
+
+
+def test_errors_are_counted_and_the_last_kept(store: Store) -> None:
+    for i in range(5):
+        with store.transaction(write=True) as tx:
+            tx.count_error("invalid_json", f"t/{i}", 10 + i, keep=3)
+    store.count_error("oversized", "t/x", 2 << 20)
+    assert store.error_counts() == {"invalid_json": 5, "oversized": 1}
+    recent = store.recent_errors()
+    assert [(r.reason, r.topic, r.size) for r in recent][:2] == [("oversized", "t/x", 2 << 20), ("invalid_json", "t/4", 14)]
+    assert len(recent) <= 4
+
+
+def test_query_filters(store: Store) -> None:
+    store.insert_telemetry("f", "d", "s", recs([1, 2, 3]) + recs([4, 5], kind="metrics"))
+    assert [r.seq for r in store.query_telemetry("f", "d", kind="metrics")] == [4, 5]
+    assert [r.seq for r in store.query_telemetry("f", "d", since=1002.0)] == [2, 3, 4, 5]
+    assert [r.seq for r in store.query_telemetry("f", "d", limit=2)] == [1, 2]
+
+
+def test_transaction_rolls_back(store: Store) -> None:
+    with pytest.raises(ValueError), store.transaction(write=True) as tx:
+        tx.insert_telemetry("f", "d", "s", recs([1, 2]))
+        raise ValueError("boom")
+    assert rows(store) == []
+    assert store.device_counters("f", "d") == {}
+    assert isinstance(store.insert_telemetry("f", "d", "s", recs([1])), tuple)
+    assert isinstance(store.device_counters("f", "d")["s"], StreamCounters)
+
+
+def test_bad_urls() -> None:
+    for url in ["mysql://x/y", "sqlite://"]:
+        with pytest.raises(ConfigError):
+            open_store(url)
+
