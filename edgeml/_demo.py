@@ -77,6 +77,7 @@ def run_demo(predictions: int = 2000, broker: str | None = None, headless: bool 
             device_id="demo-device", fleet="demo", data_dir=root / "agent", broker_url=url, model_path=model,
             api_addr=f"127.0.0.1:{api_port}", discovery={"browse": False, "announce": False},
             telemetry={"metrics_interval_s": 1.0, "sample_rate": 0.01},
+            mqtt={"reconnect_max_s": 2.0},
         )
         agent = Agent(config).start()
         ui.say(f"agent      demo/demo-device, local API http://127.0.0.1:{api_port}, model classifier 1.0.0 (ONNX)")

@@ -22,7 +22,10 @@ X = np.random.default_rng(1).standard_normal((1, 4)).astype(np.float32)
 def _agent(tmp_path: Path, broker: Broker, model: Path, **extra: object) -> Agent:
     env = agent_env(
         EDGEML_DATA_DIR=tmp_path / "data", EDGEML_API_ADDR=f"127.0.0.1:{free_port()}", EDGEML_BROKER_URL=broker.url,
-        EDGEML_MODEL_PATH=model, EDGEML_DEVICE_ID="dev-1", EDGEML_FLEET="plant", **extra,
+        EDGEML_MODEL_PATH=model, EDGEML_DEVICE_ID="dev-1", EDGEML_FLEET="plant",
+        # the tests stop the broker: keep the reconnection backoff short so a slow
+        # machine does not push the next attempt past the test's patience
+        EDGEML_MQTT__RECONNECT_MAX_S=1, **extra,
     )
     return Agent(load_config(env=env))
 
