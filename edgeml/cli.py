@@ -31,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--config", "-c", metavar="FILE", help="the agent's YAML settings")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    keys = sub.add_parser("keys", help="fleet signing keys (needs the cloud extra)")
+    keys_sub = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    gen = keys_sub.add_parser("generate", help="write an ed25519 key pair: DIR/fleet.key and DIR/fleet.pub")
+    gen.add_argument("--out", required=True, metavar="DIR", help="directory for fleet.key and fleet.pub")
+    gen.add_argument("--force", action="store_true", help="overwrite an existing pair")
+
     demo = sub.add_parser("demo", help="run a local agent with a model and a broker, end to end")
     demo.add_argument("--predictions", type=int, default=2000, help="predictions to make (default 2000)")
     demo.add_argument("--broker", metavar="URL", help="use this broker instead of starting one")
@@ -53,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             return _agent_run(args)
         if args.command == "agent" and args.action == "status":
             return _agent_status(args)
+        if args.command == "keys" and args.action == "generate":
+            return _keys_generate(args)
         if args.command == "demo":
             from ._demo import run_demo
 
@@ -66,6 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 2
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    try:
+        from cloud import CloudError
+        from cloud.keys import generate_keys
+    except ImportError as exc:
+        print(f"edgeml: error: the cloud extra is needed: pip install 'edgeml[cloud]' ({exc})", file=sys.stderr)
+        return 1
+    try:
+        key, pub = generate_keys(args.out, force=args.force)
+    except CloudError as exc:
+        print(f"edgeml: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {key} (private, mode 0600) and {pub} (give this one to the devices)")
+    return 0
 
 
 def _setup_logging(level: str) -> None:

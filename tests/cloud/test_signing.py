@@ -254,3 +254,25 @@ def test_artifact_and_document_signatures_are_not_interchangeable(pair: tuple[by
 def test_importing_signing_does_not_import_cryptography() -> None:
     code = "import sys, edgeml.protocol.signing; sys.exit('cryptography' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_cli_keys_generate(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from edgeml.protocol.signing import (
+        load_private_key,
+        load_public_keys,
+        sign_document,
+        verify_document,
+    )
+
+    cmd = [sys.executable, "-m", "edgeml.cli", "keys", "generate", "--out", str(tmp_path / "k")]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    key, pub = tmp_path / "k" / "fleet.key", tmp_path / "k" / "fleet.pub"
+    assert key.stat().st_mode & 0o777 == 0o600
+    doc = sign_document({"v": 1, "revision": 1}, load_private_key(key))
+    verify_document(doc, load_public_keys([pub]))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "exist" in again.stderr
