@@ -153,7 +153,7 @@ def bench_telemetry(tmp: Path, model: Path, n: int, backlog: int) -> dict:
             buf = agent._buffer
             t0 = time.perf_counter()
             for _ in range(n):
-                buf.append_prediction("mlp", "1.0.0", 8.0, 1, "probs", out)
+                buf.append_prediction("mlp", "1.0.0", 8.0, "probs", out)
             while not _drained(agent):
                 time.sleep(0.005)
             pipeline = n / (time.perf_counter() - t0)

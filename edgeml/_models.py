@@ -19,7 +19,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +50,13 @@ class LoadedModel:
     info: ModelInfo
     runtime: Runtime
     first_output: str
+    # copies of info.name / info.version: plain attributes are cheaper on the predict path
+    name: str = field(init=False)
+    version: str = field(init=False)
 
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def version(self) -> str:
-        return self.info.version
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.info.name)
+        object.__setattr__(self, "version", self.info.version)
 
     def signature(self) -> dict[str, Any]:
         return {

@@ -78,6 +78,8 @@ class Agent:
             max_bytes=cfg.telemetry.buffer_max_bytes,
             flush_interval_ms=cfg.telemetry.flush_interval_ms,
             fsync=cfg.telemetry.fsync,
+            segment_max_records=cfg.mqtt.batch_max_records,
+            segment_max_bytes=cfg.mqtt.batch_max_bytes,
         )
         self._buffer.start()
         self._store = ModelStore(
@@ -192,18 +194,14 @@ class Agent:
         except Exception as exc:  # an engine failure on valid inputs
             self._count_error()
             raise ModelError(f"inference failed: {exc}") from exc
-        first = next(iter(feeds.values()))
-        batch = first.shape[0] if first.ndim else 1
+        name, version = model.name, model.version
         buffer = self._buffer
         if buffer is not None:
-            buffer.append_prediction(model.name, model.version, latency, batch, model.first_output, outputs[model.first_output])
+            buffer.append_prediction(name, version, latency, model.first_output, outputs[model.first_output])
             if self._sample_rate and random.random() < self._sample_rate:
-                buffer.append(
-                    "sample",
-                    {"model": model.name, "version": model.version, "inputs": dict(feeds), "outputs": outputs},
-                )
+                buffer.append("sample", {"model": name, "version": version, "inputs": dict(feeds), "outputs": outputs})
         self._predictions = next(self._prediction_counter)  # atomic under the GIL, no lock
-        return Prediction(outputs, model.name, model.version, latency)
+        return Prediction(outputs, name, version, latency)
 
     def _count_error(self) -> None:
         with self._counter_lock:

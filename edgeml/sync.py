@@ -251,9 +251,9 @@ class MqttSync:
                 log.error("publish failed: %s", mqtt.error_string(info.rc))
                 return False
             # NO_CONN: paho keeps the message and sends it on reconnection
-            self._inflight[info.mid] = _InFlight(batch.first, batch.last, len(batch), len(payload), time.time())
+            self._inflight[info.mid] = _InFlight(batch.first, batch.last, batch.count, len(payload), time.time())
         self._cursor = batch.last
-        self.published_records += len(batch)
+        self.published_records += batch.count
         self.last_publish_ts = time.time()
         return True
 

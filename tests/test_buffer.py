@@ -25,7 +25,7 @@ def test_seq_is_contiguous_and_survives_reopen(tmp_path: Path) -> None:
     with TelemetryBuffer(path) as buf:
         stream = buf.stream
         for _ in range(10):
-            buf.append_prediction("m", "1", 5.0, 1, "probs", OUT)
+            buf.append_prediction("m", "1", 5.0, "probs", OUT)
         buf.flush()
         first = _all(buf)
         buf.ack(1, 10)  # everything acknowledged: the table is empty now
@@ -47,7 +47,7 @@ def test_durability_window(tmp_path: Path) -> None:
         buf.append("event", {"name": "x", "level": "info", "message": "", "data": {}})
         t0 = time.monotonic()
         other = sqlite3.connect(path)
-        while other.execute("SELECT count(*) FROM records").fetchone()[0] == 0:
+        while other.execute("SELECT count(*) FROM segments").fetchone()[0] == 0:
             assert time.monotonic() - t0 < 2.0
             time.sleep(0.002)
         other.close()
@@ -64,7 +64,7 @@ def test_budget_drops_lowest_priority_oldest_first_and_counts(tmp_path: Path) ->
         for _ in range(100):
             buf.append("sample", {"model": "m", "version": "1", "inputs": {"x": np.zeros((4, 8))}, "outputs": {}})
         for _ in range(600):
-            buf.append_prediction("m", "1", 5.0, 1, "probs", OUT)
+            buf.append_prediction("m", "1", 5.0, "probs", OUT)
         buf.flush()
         stats = buf.stats()
         records = _all(buf)
@@ -76,7 +76,7 @@ def test_budget_drops_lowest_priority_oldest_first_and_counts(tmp_path: Path) ->
     preds = [r["seq"] for r in records if r["kind"] == "prediction"]
     assert preds == sorted(preds) and preds[-1] == stats.next_seq - 1  # the newest are kept
     assert stats.records == len(records)
-    assert stats.bytes == sum(len(b) + ROW_OVERHEAD for b in buf_bodies(path))
+    assert stats.bytes == sum(len(b) for b in buf_bodies(path)) + ROW_OVERHEAD * len(records)
     again = inspect(path)
     assert again is not None and again.dropped == stats.dropped  # persisted
 
@@ -84,7 +84,7 @@ def test_budget_drops_lowest_priority_oldest_first_and_counts(tmp_path: Path) ->
 def buf_bodies(path: Path) -> list[bytes]:
     conn = sqlite3.connect(path)
     try:
-        return [r[0] for r in conn.execute("SELECT body FROM records")]
+        return [r[0] for r in conn.execute("SELECT body FROM segments")]
     finally:
         conn.close()
 
@@ -95,7 +95,7 @@ def test_disk_full_keeps_records_in_memory_and_retries(tmp_path: Path) -> None:
     pages = buf._conn.execute("PRAGMA page_count").fetchone()[0]
     buf._conn.execute(f"PRAGMA max_page_count = {pages + 1}")  # the "disk" is now full
     for _ in range(2000):
-        buf.append_prediction("m", "1", 5.0, 1, "probs", OUT)
+        buf.append_prediction("m", "1", 5.0, "probs", OUT)
     with pytest.raises(StorageError, match="full"):
         buf.flush()
     assert buf.stats().pending == 2000 and buf.stats().storage_errors == 1
@@ -106,13 +106,35 @@ def test_disk_full_keeps_records_in_memory_and_retries(tmp_path: Path) -> None:
 
 
 def test_ack_deletes_exactly_the_acknowledged_range(tmp_path: Path) -> None:
-    with TelemetryBuffer(tmp_path / "t.db") as buf:
+    with TelemetryBuffer(tmp_path / "t.db", segment_max_records=10) as buf:
         for _ in range(30):
-            buf.append_prediction("m", "1", 5.0, 1, "probs", OUT)
-        buf.flush()
-        batch = buf.read_batch(0, 10, 1 << 20)
+            buf.append_prediction("m", "1", 5.0, "probs", OUT)
+        buf.flush()  # three segments of 10
+        batch = buf.read_batch(0, 15, 1 << 20)  # whole segments only: 10 of the 15 allowed
         assert batch is not None and (batch.first, batch.last, len(batch)) == (1, 10, 10)
         assert buf.ack(batch.first, batch.last) == 10
-        nxt = buf.read_batch(batch.last, 1000, 300)  # byte limit: at least one record
-        assert nxt is not None and nxt.first == 11 and len(nxt) == 1
+        nxt = buf.read_batch(batch.last, 1000, 300)  # byte limit: at least one segment
+        assert nxt is not None and nxt.first == 11 and len(nxt) == 10 and len(nxt.bodies) == 1
         assert buf.stats().records == 20 and buf.stats().last_ack_ts is not None
+
+
+def test_segments_respect_byte_limit_and_records_decode_exactly(tmp_path: Path) -> None:
+    from edgeml.protocol import EventRecord, PredictionRecord
+
+    with TelemetryBuffer(tmp_path / "t.db", segment_max_bytes=2048) as buf:
+        for i in range(40):
+            buf.append_prediction("m\"odel", "ü1", 5.123456, "probs", OUT + i)
+        buf.append("event", {"name": "e", "level": "info", "message": "", "data": {}})
+        buf.append_prediction("m", "1", 5.0, "probs", np.array([[np.nan, 1.0]], np.float32))  # NaN -> null
+        buf.flush()
+        bodies = buf_bodies(tmp_path / "t.db")
+        records = _all(buf)
+    assert all(len(b) <= 2048 for b in bodies) and len(bodies) > 2
+    preds = [PredictionRecord.model_validate(r) for r in records if r["kind"] == "prediction"]
+    assert [p.seq for p in preds] == list(range(1, 42))  # predictions first: they appeared first
+    assert preds[0].model == 'm"odel' and preds[0].version == "ü1" and preds[0].latency_us == 5.12
+    assert preds[3].summary is not None and preds[3].summary.top1 == 1
+    assert preds[3].summary.mean == pytest.approx(float((OUT + 3).mean()))
+    assert preds[-1].summary is not None and preds[-1].summary.mean is None  # NaN travels as null
+    assert preds[-1].summary.top1 == 1 or preds[-1].summary.top1 == 0
+    assert EventRecord.model_validate(records[-1]).seq == 42

@@ -30,8 +30,8 @@ class OutputSummary(_Message):
 
     output: str = Field(description="Name of the summarised output tensor.")
     top1: int | None = Field(None, description="Arg-max over the last axis of the first row (classifiers).")
-    score: float | None = Field(None, description="The value at top1.")
-    mean: float = Field(description="Mean of all output values.")
+    score: float | None = Field(None, description="The value at top1 (null when not finite).")
+    mean: float | None = Field(description="Mean of all output values (null when not finite).")
 
 
 class PredictionRecord(_Record):
