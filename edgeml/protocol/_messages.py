@@ -115,6 +115,8 @@ class DesiredState(_Message):
     """Payload of ``edgeml/v1/{fleet}/{device}/desired`` (QoS 1, retained; written by the coordinator only)."""
 
     v: Literal[1] = PROTOCOL_VERSION
+    fleet: str | None = Field(None, description="The device this document is for; an agent rejects a document for another device.")
+    device: str | None = None
     revision: int = Field(ge=1, description="Grows with every change; the agent ignores a revision not newer than the last one applied.")
     issued_at: float
     expires_at: float | None = None
