@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, metavar="DIR", help="directory for fleet.key and fleet.pub")
     gen.add_argument("--force", action="store_true", help="overwrite an existing pair")
 
+    try:  # cloud, fleet, models: the coordinator and its console (cloud/cli.py)
+        from cloud.cli import register_subcommands
+    except ImportError as exc:
+        for name in ("cloud", "fleet", "models"):
+            missing = sub.add_parser(name, help="needs the cloud extra", add_help=False)
+            missing.add_argument("rest", nargs=argparse.REMAINDER)
+            missing.set_defaults(cloud_missing=str(exc))
+    else:
+        register_subcommands(sub)
+
     demo = sub.add_parser("demo", help="run a local agent with a model and a broker, end to end")
     demo.add_argument("--predictions", type=int, default=2000, help="predictions to make (default 2000)")
     demo.add_argument("--broker", metavar="URL", help="use this broker instead of starting one")
@@ -54,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
+    if getattr(args, "cloud_missing", None):
+        print(f"edgeml: error: the cloud extra is needed: pip install 'edgeml[cloud]' ({args.cloud_missing})", file=sys.stderr)
+        return 1
+    if getattr(args, "cloud_dispatch", False):
+        from cloud.cli import dispatch
+
+        return dispatch(args)
     try:
         if args.command == "agent" and args.action == "run":
             return _agent_run(args)

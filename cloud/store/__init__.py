@@ -17,7 +17,9 @@ from ._base import Store, Transaction
 from ._migrations import MIGRATIONS, Migration, Migrations
 from ._models import (
     Device,
+    DeviceTotals,
     InsertResult,
+    ModelRecord,
     PoisonRecord,
     StreamCounters,
     TelemetryBatchIn,
@@ -27,9 +29,11 @@ from ._models import (
 __all__ = [
     "MIGRATIONS",
     "Device",
+    "DeviceTotals",
     "InsertResult",
     "Migration",
     "Migrations",
+    "ModelRecord",
     "PoisonRecord",
     "Store",
     "StreamCounters",

@@ -35,11 +35,13 @@ from typing import Any
 
 import orjson
 
-from .._exceptions import NotFound, StoreError
+from .._exceptions import Conflict, NotFound, StoreError
 from ._migrations import Migrations
 from ._models import (
     Device,
+    DeviceTotals,
     InsertResult,
+    ModelRecord,
     PoisonRecord,
     StreamCounters,
     TelemetryBatchIn,
@@ -63,6 +65,22 @@ def _json_in(value: Any) -> str | None:
 
 def _json_out(value: Any) -> Any:
     return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+_MODEL_COLUMNS = (
+    "name, version, format, runtime, quantization, size, sha256, inputs, outputs, metrics, params, metadata, "
+    "parent_name, parent_version, dataset_hash, signature_key_id, created_at"
+)
+
+
+def _model(row: Sequence[Any], aliases: Iterable[str] = ()) -> ModelRecord:
+    return ModelRecord(
+        name=row[0], version=row[1], format=row[2], runtime=row[3], quantization=row[4], size=int(row[5]),
+        sha256=row[6], inputs=_json_out(row[7]), outputs=_json_out(row[8]), metrics=_json_out(row[9]) or {},
+        params=_json_out(row[10]) or {}, metadata=_json_out(row[11]) or {},
+        parent=f"{row[12]}@{row[13]}" if row[12] is not None else None, dataset_hash=row[14],
+        signature_key_id=row[15], created_at=row[16], aliases=tuple(sorted(aliases)),
+    )
 
 
 def _device(row: Sequence[Any]) -> Device:
@@ -242,6 +260,126 @@ class Transaction(ABC):
             (_json_in(state), fleet, device),
         )
 
+    def latest_telemetry(
+        self, *, kind: str | None = None, fleet: str | None = None, since: float | None = None, limit: int = 100,
+    ) -> list[TelemetryRow]:
+        """Records across the fleet (or every fleet), newest first: ``kind="event"`` gives the event log."""
+        sql = "SELECT fleet, device_id, stream, seq, ts, kind, body, received_at FROM telemetry WHERE 1 = 1"
+        params: list[Any] = []
+        for column, value, op in (("kind", kind, "="), ("fleet", fleet, "="), ("ts", since, ">=")):
+            if value is not None:
+                sql += f" AND {column} {op} ?"
+                params.append(value)
+        rows = self.execute(sql + " ORDER BY ts DESC, seq DESC LIMIT ?", (*params, limit)).fetchall()
+        return [TelemetryRow(r[0], r[1], r[2], r[3], r[4], r[5], _json_out(r[6]), r[7]) for r in rows]
+
+    def device_totals(self, fleet: str | None = None) -> dict[tuple[str, str], DeviceTotals]:
+        """Counters of every device summed over its streams, keyed by (fleet, device)."""
+        sql = (
+            "SELECT fleet, device_id, SUM(records), SUM(max_contiguous_seq), SUM(gaps), SUM(duplicates), "
+            "MAX(last_seen) FROM ingest_counters"
+        )
+        params: tuple[Any, ...] = ()
+        if fleet is not None:
+            sql, params = sql + " WHERE fleet = ?", (fleet,)
+        rows = self.execute(sql + " GROUP BY fleet, device_id", params).fetchall()
+        return {(r[0], r[1]): DeviceTotals(int(r[2]), int(r[3]), int(r[4]), int(r[5]), r[6]) for r in rows}
+
+    def ingest_summary(self, *, lag_window_s: float = 300.0, now: float | None = None) -> dict[str, float]:
+        """Fleet-wide numbers for monitoring: records, duplicates, gaps, streams, devices,
+        devices online, models, and ``lag_s``: the largest ``received_at - ts`` of the
+        newest record of each stream written to in the last ``lag_window_s`` (device clocks
+        included, so a skewed clock shows as lag)."""
+        now = time.time() if now is None else now
+        records, duplicates, gaps, streams = self.execute(
+            "SELECT COALESCE(SUM(records), 0), COALESCE(SUM(duplicates), 0), COALESCE(SUM(gaps), 0), COUNT(*) "
+            "FROM ingest_counters"
+        ).fetchone()
+        devices, online = self.execute(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN online THEN 1 ELSE 0 END), 0) FROM devices"
+        ).fetchone()
+        (lag,) = self.execute(
+            "SELECT MAX(t.received_at - t.ts) FROM ingest_counters c JOIN telemetry t ON t.fleet = c.fleet "
+            "AND t.device_id = c.device_id AND t.stream = c.stream AND t.seq = c.max_seq WHERE c.last_seen >= ?",
+            (now - lag_window_s,),
+        ).fetchone()
+        (models,) = self.execute("SELECT COUNT(*) FROM models").fetchone()
+        return {
+            "records": int(records), "duplicates": int(duplicates), "gaps": int(gaps), "streams": int(streams),
+            "devices": int(devices), "online": int(online), "models": int(models), "lag_s": max(0.0, float(lag or 0.0)),
+        }
+
+    # ------------------------------------------------------------------ models
+    def insert_model(self, model: ModelRecord) -> ModelRecord:
+        """Register a model version; :class:`Conflict` if ``name@version`` exists."""
+        parent_name, _, parent_version = (model.parent or "").partition("@")
+        cursor = self.execute(
+            f"INSERT INTO models ({_MODEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            (model.name, model.version, model.format, model.runtime, model.quantization, model.size, model.sha256,
+             _json_in(model.inputs), _json_in(model.outputs), _json_in(model.metrics), _json_in(model.params),
+             _json_in(model.metadata), parent_name or None, parent_version or None, model.dataset_hash,
+             model.signature_key_id, model.created_at),
+        )
+        if cursor.rowcount == 0:
+            raise Conflict(f"model {model.ref} is already registered; register a new version")
+        return self.get_model(model.name, model.version)
+
+    def find_model(self, name: str, version: str) -> ModelRecord | None:
+        row = self.execute(
+            f"SELECT {_MODEL_COLUMNS} FROM models WHERE name = ? AND version = ?", (name, version)
+        ).fetchone()
+        if row is None:
+            return None
+        aliases = self.execute(
+            "SELECT alias FROM model_aliases WHERE name = ? AND version = ?", (name, version)
+        ).fetchall()
+        return _model(row, (a[0] for a in aliases))
+
+    def get_model(self, name: str, version: str) -> ModelRecord:
+        """The model version, or :class:`NotFound`."""
+        model = self.find_model(name, version)
+        if model is None:
+            raise NotFound(f"no model {name}@{version}")
+        return model
+
+    def list_models(self, name: str | None = None) -> list[ModelRecord]:
+        """Registered versions, by name then registration time."""
+        where, params = (" WHERE name = ?", (name,)) if name is not None else ("", ())
+        rows = self.execute(
+            f"SELECT {_MODEL_COLUMNS} FROM models{where} ORDER BY name, created_at, version", params
+        ).fetchall()
+        aliases: dict[tuple[str, str], list[str]] = {}
+        for n, alias, version in self.execute(f"SELECT name, alias, version FROM model_aliases{where}", params):
+            aliases.setdefault((n, version), []).append(alias)
+        return [_model(r, aliases.get((r[0], r[1]), ())) for r in rows]
+
+    def set_alias(self, name: str, alias: str, version: str, *, now: float | None = None) -> str | None:
+        """Point ``name@alias`` at ``version`` (create or move); return the version it pointed at before."""
+        if self.find_model(name, version) is None:
+            raise NotFound(f"no model {name}@{version}")
+        row = self.execute(
+            f"SELECT version FROM model_aliases WHERE name = ? AND alias = ?{self.for_update}", (name, alias)
+        ).fetchone()
+        self.execute(
+            "INSERT INTO model_aliases (name, alias, version, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+            (name, alias, version, time.time() if now is None else now),
+        )
+        return row[0] if row else None
+
+    def model_aliases(self, name: str) -> dict[str, str]:
+        """``{alias: version}`` of a model name."""
+        rows = self.execute("SELECT alias, version FROM model_aliases WHERE name = ? ORDER BY alias", (name,))
+        return dict(rows.fetchall())
+
+    def resolve_alias(self, name: str, alias: str) -> ModelRecord:
+        """The version ``name@alias`` points at, or :class:`NotFound`."""
+        row = self.execute("SELECT version FROM model_aliases WHERE name = ? AND alias = ?", (name, alias)).fetchone()
+        if row is None:
+            raise NotFound(f"no alias {name}@{alias}")
+        return self.get_model(name, row[0])
+
     # ------------------------------------------------------------------ ingest errors
     def count_error(
         self, reason: str, topic: str, size: int, *, detail: str = "", ts: float | None = None,
@@ -415,6 +553,48 @@ class Store(ABC):
     def set_status(self, fleet: str, device: str, status: Mapping[str, Any], *, seen_at: float | None = None) -> None:
         with self.transaction(write=True) as tx:
             tx.set_status(fleet, device, status, seen_at=seen_at)
+
+    def latest_telemetry(self, **filters: Any) -> list[TelemetryRow]:
+        """Records across the fleet, newest first; filters: kind, fleet, since (Unix s), limit (100)."""
+        with self.transaction() as tx:
+            return tx.latest_telemetry(**filters)
+
+    def device_totals(self, fleet: str | None = None) -> dict[tuple[str, str], DeviceTotals]:
+        """Ingestion counters of every device summed over its streams."""
+        with self.transaction() as tx:
+            return tx.device_totals(fleet)
+
+    def ingest_summary(self, **options: Any) -> dict[str, float]:
+        with self.transaction() as tx:
+            return tx.ingest_summary(**options)
+
+    def insert_model(self, model: ModelRecord) -> ModelRecord:
+        """Register a model version; :class:`Conflict` if it exists."""
+        with self.transaction(write=True) as tx:
+            return tx.insert_model(model)
+
+    def get_model(self, name: str, version: str) -> ModelRecord:
+        """The model version, or :class:`NotFound`."""
+        with self.transaction() as tx:
+            return tx.get_model(name, version)
+
+    def list_models(self, name: str | None = None) -> list[ModelRecord]:
+        with self.transaction() as tx:
+            return tx.list_models(name)
+
+    def set_alias(self, name: str, alias: str, version: str) -> str | None:
+        """Create or move an alias; return its previous version. :class:`NotFound` for an unknown version."""
+        with self.transaction(write=True) as tx:
+            return tx.set_alias(name, alias, version)
+
+    def model_aliases(self, name: str) -> dict[str, str]:
+        with self.transaction() as tx:
+            return tx.model_aliases(name)
+
+    def resolve_alias(self, name: str, alias: str) -> ModelRecord:
+        """The model ``name@alias`` points at, or :class:`NotFound`."""
+        with self.transaction() as tx:
+            return tx.resolve_alias(name, alias)
 
     def count_error(self, reason: str, topic: str, size: int, **extra: Any) -> None:
         with self.transaction(write=True) as tx:

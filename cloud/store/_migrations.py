@@ -139,9 +139,99 @@ CREATE TABLE poison_messages (
 
 _V2_BOTH = "CREATE INDEX telemetry_by_ts ON telemetry (fleet, device_id, ts)"
 
+_V3_SQLITE = """
+CREATE TABLE models (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    format TEXT NOT NULL,
+    runtime TEXT NOT NULL,
+    quantization TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    inputs TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    params TEXT NOT NULL DEFAULT '{}',
+    metadata TEXT NOT NULL DEFAULT '{}',
+    parent_name TEXT,
+    parent_version TEXT,
+    dataset_hash TEXT,
+    signature_key_id TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE INDEX models_by_sha256 ON models (sha256);
+CREATE TABLE model_aliases (
+    name TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    version TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (name, alias),
+    FOREIGN KEY (name, version) REFERENCES models (name, version)
+);
+CREATE INDEX telemetry_by_kind_ts ON telemetry (kind, ts)
+"""
+
+_V3_POSTGRESQL = """
+CREATE TABLE models (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    format TEXT NOT NULL,
+    runtime TEXT NOT NULL,
+    quantization TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    sha256 TEXT NOT NULL,
+    inputs JSONB NOT NULL,
+    outputs JSONB NOT NULL,
+    metrics JSONB NOT NULL DEFAULT '{}',
+    params JSONB NOT NULL DEFAULT '{}',
+    metadata JSONB NOT NULL DEFAULT '{}',
+    parent_name TEXT,
+    parent_version TEXT,
+    dataset_hash TEXT,
+    signature_key_id TEXT,
+    created_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE INDEX models_by_sha256 ON models (sha256);
+CREATE TABLE model_aliases (
+    name TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    version TEXT NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (name, alias),
+    FOREIGN KEY (name, version) REFERENCES models (name, version)
+);
+CREATE INDEX telemetry_by_kind_ts ON telemetry (kind, ts)
+"""
+
+_V4_SQLITE = """
+CREATE TABLE desired_states (
+    fleet TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    payload TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (fleet, device_id)
+)
+"""
+
+_V4_POSTGRESQL = """
+CREATE TABLE desired_states (
+    fleet TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    revision BIGINT NOT NULL,
+    payload TEXT,
+    updated_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (fleet, device_id)
+)
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "devices, telemetry, counters, errors", {"sqlite": _V1_SQLITE, "postgresql": _V1_POSTGRESQL}),
     Migration(2, "telemetry by time", {"sqlite": _V2_BOTH, "postgresql": _V2_BOTH}),
+    Migration(3, "model registry, aliases, events by time", {"sqlite": _V3_SQLITE, "postgresql": _V3_POSTGRESQL}),
+    Migration(4, "desired states (signed documents, revisions)", {"sqlite": _V4_SQLITE, "postgresql": _V4_POSTGRESQL}),
 ]
 
 _CREATE_VERSION_TABLE = (

@@ -77,3 +77,47 @@ class PoisonRecord:
     reason: str
     detail: str
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """One registered model version (unique by ``name`` and ``version``).
+
+    ``inputs``/``outputs`` are the signature as read from the file (name, shape, dtype,
+    scale, zero_point); ``parent`` is ``"name@version"`` of the model it was derived from;
+    ``signature_key_id`` names the fleet key that signed the artifact (None: unsigned);
+    ``aliases`` the aliases pointing at this version when it was read.
+    """
+
+    name: str
+    version: str
+    format: str
+    runtime: str
+    quantization: str
+    size: int
+    sha256: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    params: dict[str, Any]
+    metadata: dict[str, Any]
+    parent: str | None
+    dataset_hash: str | None
+    signature_key_id: str | None
+    created_at: float
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTotals:
+    """Ingestion counters of a device summed over its streams."""
+
+    records: int = 0
+    max_contiguous_seq: int = 0
+    gaps: int = 0
+    duplicates: int = 0
+    last_seen: float | None = None

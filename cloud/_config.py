@@ -1,0 +1,175 @@
+"""Coordinator settings: a YAML file and the environment (which wins), validated once.
+
+Short variables: ``EDGEML_BROKER_URL``, ``EDGEML_CLOUD_DB``, ``EDGEML_HTTP_ADDR``,
+``EDGEML_ARTIFACT_DIR``, ``EDGEML_SIGNING_KEY``; any nested key as
+``EDGEML_<SECTION>__<KEY>`` (``EDGEML_INGEST__POLICY=preregistered``). Variables meant
+for the agent (``EDGEML_DEVICE_ID``…) are ignored. configs/cloud.yaml documents every key.
+A bad value raises :class:`InvalidSetting` naming the key (and the variable it came from).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from edgeml._config import _merge, _read_yaml, parse_broker_url, parse_host_port
+from edgeml._exceptions import ConfigError as _AgentConfigError
+
+from ._exceptions import ConfigError
+from .ingest import IngestConfig
+
+__all__ = ["DEFAULT_HTTP_ADDR", "CloudConfig", "InvalidSetting", "load_cloud_config"]
+
+ENV_PREFIX = "EDGEML_"
+#: Short variables -> top-level keys.
+ENV_KEYS = {
+    "EDGEML_BROKER_URL": "broker_url",
+    "EDGEML_CLOUD_DB": "db",
+    "EDGEML_HTTP_ADDR": "http_addr",
+    "EDGEML_ARTIFACT_DIR": "artifact_dir",
+    "EDGEML_SIGNING_KEY": "signing_key",
+}
+DEFAULT_HTTP_ADDR = "127.0.0.1:8480"
+DEFAULT_DB = "edgeml-cloud.db"
+
+
+class InvalidSetting(ConfigError):
+    """A coordinator setting is invalid; ``key`` names it (dotted for nested keys)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"invalid setting {key!r}: {reason}")
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+#: The ``ingest`` section: every :class:`IngestConfig` field but ``broker_url`` (top level).
+IngestSettings: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    "IngestSettings",
+    __base__=_Settings,
+    **{name: (f.annotation, f) for name, f in IngestConfig.model_fields.items() if name != "broker_url"},
+)
+
+
+class MetricsSettings(_Settings):
+    enabled: bool = True
+    lag_window_s: float = Field(300.0, gt=0)
+
+
+class CloudConfig(_Settings):
+    """Settings of one coordinator. Build with :func:`load_cloud_config` or directly."""
+
+    broker_url: str = "mqtt://127.0.0.1:1883"
+    db: str = DEFAULT_DB
+    http_addr: str = DEFAULT_HTTP_ADDR
+    artifact_dir: Path = Path("edgeml-artifacts")
+    signing_key: Path | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_upload_bytes: int = Field(1 << 30, ge=1024)
+    broker_wait_s: float = Field(10.0, ge=0)
+    ingest: IngestSettings = IngestSettings()  # type: ignore[valid-type]
+    metrics: MetricsSettings = MetricsSettings()
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker(cls, v: str) -> str:
+        parse_broker_url(v)
+        return v
+
+    @field_validator("db")
+    @classmethod
+    def _db(cls, v: str) -> str:
+        scheme = urlsplit(v).scheme
+        if not v.strip():
+            raise ValueError("empty; give a SQLite path or a postgresql:// URL")
+        if scheme not in ("", "sqlite", "postgresql", "postgres"):
+            raise ValueError(f"use a SQLite path, sqlite:///path or postgresql://..., got {v!r}")
+        return v
+
+    @field_validator("http_addr")
+    @classmethod
+    def _http_addr(cls, v: str) -> str:
+        parse_host_port(v)
+        return v
+
+    @field_validator("signing_key", mode="before")
+    @classmethod
+    def _signing_key_empty(cls, v: Any) -> Any:
+        return None if v in ("", None) else v
+
+    @field_validator("signing_key")
+    @classmethod
+    def _signing_key(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return None
+        from edgeml._exceptions import SignatureError
+        from edgeml.protocol.signing import load_private_key
+
+        if not v.is_file():
+            raise ValueError(f"no key file {v} (create one with: edgeml keys generate --out DIR)")
+        try:
+            load_private_key(v)
+        except (SignatureError, OSError) as exc:
+            raise ValueError(f"{v} is not an ed25519 private key: {exc}") from exc
+        return v
+
+    @property
+    def http_host_port(self) -> tuple[str, int]:
+        return parse_host_port(self.http_addr)
+
+    @property
+    def store_url(self) -> str:
+        return self.db
+
+    def ingest_config(self) -> IngestConfig:
+        return IngestConfig(broker_url=self.broker_url, **self.ingest.model_dump())
+
+
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    data: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    sections = {k for k, f in CloudConfig.model_fields.items() if isinstance(f.default, BaseModel)}
+    for var, value in env.items():
+        if var in ENV_KEYS:
+            data[ENV_KEYS[var]] = value
+            origin[ENV_KEYS[var]] = var
+        elif var.startswith(ENV_PREFIX) and "__" in var:
+            section, key = var[len(ENV_PREFIX):].lower().split("__", 1)
+            if section in sections and key:
+                data.setdefault(section, {})[key] = value
+                origin[f"{section}.{key}"] = var
+    return data, origin
+
+
+def load_cloud_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> CloudConfig:
+    """Load settings from a YAML file (optional) and the environment (which wins).
+
+    Raises :class:`InvalidSetting` naming the first bad key and why it is bad.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = _read_yaml(Path(path))
+        except _AgentConfigError as exc:
+            raise InvalidSetting(exc.key, exc.reason) from None
+    overrides, origin = _env_overrides(env)
+    data = _merge(data, overrides)
+    try:
+        return CloudConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        reason = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            reason = "unknown setting"
+        where = f" (from {origin[key]})" if key in origin else ""
+        raise InvalidSetting(key, reason + where) from None

@@ -1,0 +1,95 @@
+"""The coordinator's REST API (FastAPI; OpenAPI at ``/openapi.json``, docs at ``/docs``).
+
+    app = create_app(store, registry, artifacts, ingestor=ingestor)
+
+Routes: ``/v1/devices`` (list, show with ingestion counters, ``PUT`` to pre-register),
+``/v1/devices/{fleet}/{device}/telemetry``, ``/v1/events``, ``/v1/models`` (upload,
+list, show ``name@version`` or ``name@alias``, aliases), ``/v1/artifacts/{sha256}``
+(Range downloads and ``.sig``), ``/v1/health`` and ``/metrics``. Domain errors become
+HTTP statuses in ``_errors`` only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, FastAPI, Response
+from fastapi.openapi.utils import get_openapi
+
+from ..artifacts import ArtifactStore, artifact_router
+from ._errors import install_error_handlers, status_of
+from ._metrics import CONTENT_TYPE_LATEST, metrics_registry, render
+from ._routes import device_json, device_router, model_router
+
+if TYPE_CHECKING:
+    from ..ingest import Ingestor
+    from ..registry.models import ModelRegistry
+    from ..store import Store
+
+__all__ = ["create_app", "device_json", "status_of"]
+
+
+def create_app(
+    store: Store, registry: ModelRegistry, artifacts: ArtifactStore, *, ingestor: Ingestor | None = None,
+    max_upload_bytes: int = 1 << 30, metrics: bool = True, lag_window_s: float = 300.0,
+    routers: Sequence[APIRouter] = (),
+) -> FastAPI:
+    """The API over a store, a model registry and an artifact store.
+
+    ``routers``: more routes mounted as they are, e.g. desired states (see the hook in
+    :mod:`cloud.coordinator`); they raise domain errors and get the same translation.
+    """
+    app = FastAPI(title="edgeml coordinator", version=_version(), openapi_url="/openapi.json")
+    install_error_handlers(app)
+    app.include_router(device_router(store))
+    app.include_router(model_router(registry, max_upload_bytes))
+    app.include_router(artifact_router(artifacts), tags=["artifacts"])
+    for router in routers:
+        app.include_router(router)
+
+    @app.get("/v1/health", tags=["coordinator"])
+    def health() -> dict[str, Any]:
+        """Liveness and what this coordinator is connected to."""
+        return {
+            "status": "ok",
+            "store": store.dialect,
+            "broker_connected": bool(ingestor and ingestor.subscribed.is_set()),
+            "signing_key_id": registry.key_id,
+        }
+
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    if metrics:
+        prometheus = metrics_registry(store, ingestor, lag_window_s=lag_window_s)
+
+        @app.get("/metrics", tags=["coordinator"], response_class=Response)
+        def metrics_text() -> Response:
+            """Prometheus text exposition."""
+            return Response(render(prometheus), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The schema, with unique operation ids: FastAPI gives a GET+HEAD route (the artifact
+    routes) one id for both methods and warns; the HEAD operation gets ``_head`` appended."""
+    if app.openapi_schema is None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Duplicate Operation ID")
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        seen: set[str] = set()
+        for operations in schema.get("paths", {}).values():
+            for method, operation in operations.items():
+                op_id = operation.get("operationId")
+                if op_id in seen:
+                    operation["operationId"] = f"{op_id}_{method}"
+                seen.add(operation.get("operationId"))
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _version() -> str:
+    from edgeml import __version__
+
+    return __version__

@@ -1,0 +1,351 @@
+"""The cloud side of the ``edgeml`` command: ``cloud serve`` and a console over the REST API.
+
+    edgeml cloud serve --config cloud.yaml
+    edgeml fleet list | fleet show DEVICE [--fleet F] | fleet register DEVICE [--tag k=v]
+    edgeml models register FILE --name N --version V [--metrics JSON] [--parent N@V]
+    edgeml models list | models show N@V | models alias N ALIAS VERSION
+
+Every console command takes ``--json`` and reaches the coordinator at
+``EDGEML_CLOUD_URL`` (default ``http://127.0.0.1:8480``). ``edgeml.cli`` calls
+:func:`register_subcommands` when it builds its parser and :func:`dispatch` for these
+commands. This module imports only the standard library and httpx at load time (the
+console works on a device install); ``cloud serve`` imports the server lazily. Errors
+become messages and exit codes here: 0 success, 1 failure (coordinator unreachable or
+an error reply), 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["COMMANDS", "dispatch", "register_subcommands"]
+
+#: Top-level commands this module adds.
+COMMANDS = ("cloud", "fleet", "models")
+
+
+def register_subcommands(subparsers: Any) -> None:
+    """Add ``cloud``, ``fleet`` and ``models`` to the ``edgeml`` parser's subcommands."""
+    cloud = subparsers.add_parser("cloud", help="the cloud coordinator (needs the cloud extra)")
+    cloud_sub = cloud.add_subparsers(dest="action", metavar="ACTION", required=True)
+    serve = cloud_sub.add_parser("serve", help="run the coordinator: ingestion, registries, REST API")
+    serve.add_argument("--config", "-c", metavar="FILE", help="YAML settings (the environment wins)")
+
+    fleet = subparsers.add_parser("fleet", help="devices known to the coordinator")
+    fleet_sub = fleet.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = fleet_sub.add_parser("list", help="list devices")
+    p.add_argument("--fleet", help="only this fleet")
+    _json_flag(p)
+    p = fleet_sub.add_parser("show", help="a device, with its ingestion counters")
+    p.add_argument("device", metavar="DEVICE")
+    p.add_argument("--fleet", default="default", help="fleet of the device (default: default)")
+    _json_flag(p)
+    p = fleet_sub.add_parser("register", help="pre-register a device (tags, hardware profile)")
+    p.add_argument("device", metavar="DEVICE")
+    p.add_argument("--fleet", default="default", help="fleet of the device (default: default)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag (repeatable)")
+    p.add_argument("--hardware-profile", metavar="NAME")
+    _json_flag(p)
+
+    models = subparsers.add_parser("models", help="the model registry")
+    models_sub = models.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = models_sub.add_parser("register", help="upload a .onnx or .tflite model")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--name", metavar="N", required=True)
+    p.add_argument("--version", dest="model_version", metavar="V", required=True)  # not "version": edgeml --version
+    p.add_argument("--metrics", metavar="JSON", help='e.g. \'{"accuracy": 0.93}\'')
+    p.add_argument("--params", metavar="JSON", help="training parameters, a JSON object")
+    p.add_argument("--parent", metavar="N@V", help="the model this one derives from")
+    p.add_argument("--dataset-hash", metavar="HASH")
+    _json_flag(p)
+    p = models_sub.add_parser("list", help="registered model versions")
+    p.add_argument("--name", help="only this model")
+    _json_flag(p)
+    p = models_sub.add_parser("show", help="one version: N@VERSION or N@ALIAS")
+    p.add_argument("ref", metavar="N@V")
+    _json_flag(p)
+    p = models_sub.add_parser("alias", help="point an alias (champion, challenger…) at a version")
+    p.add_argument("name", metavar="N")
+    p.add_argument("alias", metavar="ALIAS")
+    p.add_argument("alias_version", metavar="VERSION")
+    _json_flag(p)
+
+    for parser in (cloud, fleet, models):
+        parser.set_defaults(cloud_dispatch=True)
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run a ``cloud``/``fleet``/``models`` command; return the exit code."""
+    from ._exceptions import CloudError, ConfigError
+    from .client import CoordinatorError, CoordinatorUnavailable
+    from .registry.models import InvalidInput
+
+    try:
+        if args.command == "cloud":
+            return _serve(args)
+        handler = _HANDLERS[(args.command, args.action)]
+        return handler(args)
+    except (ConfigError, InvalidInput, _UsageError) as exc:
+        return _fail(str(exc), 2)
+    except CoordinatorUnavailable as exc:
+        return _fail(str(exc), 1)
+    except CoordinatorError as exc:
+        return _fail(f"the coordinator refused: {exc}", 1)
+    except CloudError as exc:
+        return _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        return 130
+
+
+class _UsageError(Exception):
+    """A command-line value that cannot be used (bad JSON in --metrics, a tag without '=')."""
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"edgeml: error: {message}", file=sys.stderr)
+    return code
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    try:
+        from ._config import load_cloud_config
+        from .coordinator import Coordinator
+    except ImportError as exc:
+        return _fail(f"the cloud extra is needed: pip install 'edgeml[cloud]' ({exc})", 1)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        return _fail(f"the cloud extra is needed: pip install 'edgeml[cloud]' ({exc})", 1)
+
+    config = load_cloud_config(args.config)
+    _setup_logging(config.log_level)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with Coordinator(config) as coordinator:
+        print(
+            f"edgeml coordinator listening on {coordinator.url} (API, /openapi.json, /metrics); "
+            f"broker {config.broker_url}, store {_redact(config.store_url)}, artifacts {config.artifact_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            pass
+    return 0
+
+
+def _redact(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# --------------------------------------------------------------------------- console
+
+
+def _client() -> Any:
+    from .client import CloudClient
+
+    return CloudClient()
+
+
+def _emit(args: argparse.Namespace, doc: Any, text: Callable[[Any], str]) -> int:
+    print(json.dumps(doc, indent=2, default=str) if args.json else text(doc))
+    return 0
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """Columns aligned on the widest cell; numbers right-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], int | float) and not isinstance(row[i], bool) for row in rows) and bool(rows)
+               for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
+
+    return "\n".join([line(list(headers)), *(line(r) for r in cells)])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "never"
+
+
+def _json_arg(text: str | None, flag: str) -> str | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise _UsageError(f"{flag} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise _UsageError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return text
+
+
+def _fleet_list(args: argparse.Namespace) -> int:
+    with _client() as client:
+        devices = client.list_devices(args.fleet)
+
+    def text(devices: list[dict[str, Any]]) -> str:
+        if not devices:
+            return "no devices"
+        rows = [
+            (d["fleet"], d["device_id"], "online" if d["online"] else "offline", _when(d["last_seen"]),
+             d["records"], d["gaps"], d["duplicates"], d.get("hardware_profile"),
+             ",".join(f"{k}={v}" for k, v in sorted(d["tags"].items())) or None)
+            for d in devices
+        ]
+        return table(rows, ["FLEET", "DEVICE", "STATE", "LAST SEEN", "RECORDS", "GAPS", "DUPS", "HARDWARE", "TAGS"])
+
+    return _emit(args, devices, text)
+
+
+def _device_text(d: dict[str, Any]) -> str:
+    status = d.get("status") or {}
+    lines = [
+        f"device      {d['fleet']}/{d['device_id']} ({'online' if d['online'] else 'offline'})",
+        f"registered  {_when(d['registered_at'])}{' (pre-registered)' if d['pre_registered'] else ''}",
+        f"last seen   {_when(d['last_seen'])}",
+        f"hardware    {d.get('hardware_profile') or '-'}",
+        f"tags        {', '.join(f'{k}={v}' for k, v in sorted(d['tags'].items())) or '-'}",
+        f"status      {status.get('state', '-')}{' (' + status['reason'] + ')' if status.get('reason') else ''}",
+        f"telemetry   {d['records']} records, contiguous to {d['max_contiguous_seq']}, "
+        f"{d['gaps']} gaps, {d['duplicates']} duplicates",
+    ]
+    streams = d.get("streams") or []
+    if streams:
+        rows = [(s["stream"], s["records"], s["max_seq"], s["max_contiguous_seq"], s["gaps"], s["duplicates"],
+                 _when(s["last_seen"])) for s in streams]
+        lines += ["", table(rows, ["STREAM", "RECORDS", "MAX SEQ", "CONTIGUOUS", "GAPS", "DUPS", "LAST SEEN"])]
+    return "\n".join(lines)
+
+
+def _fleet_show(args: argparse.Namespace) -> int:
+    with _client() as client:
+        return _emit(args, client.device(args.fleet, args.device), _device_text)
+
+
+def _fleet_register(args: argparse.Namespace) -> int:
+    tags: dict[str, str] = {}
+    for tag in args.tag:
+        key, sep, value = tag.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"--tag must be KEY=VALUE, got {tag!r}")
+        tags[key] = value
+    with _client() as client:
+        doc = client.preregister(args.fleet, args.device, tags=tags or None, hardware_profile=args.hardware_profile)
+    return _emit(args, doc, _device_text)
+
+
+def _model_text(m: dict[str, Any]) -> str:
+    def io(tensors: list[dict[str, Any]]) -> str:
+        return ", ".join(
+            f"{t['name']} {t['dtype']}[{','.join('?' if d is None else str(d) for d in t['shape'] or ())}]"
+            for t in tensors
+        )
+
+    return "\n".join([
+        f"model         {m['ref']}{'  (' + ', '.join(m['aliases']) + ')' if m['aliases'] else ''}",
+        f"format        {m['format']} ({m['runtime']}), {m['quantization']}, {m['size']} bytes",
+        f"sha256        {m['sha256']}",
+        f"signed        {'yes, key ' + m['signature_key_id'] if m['signed'] else 'no'}",
+        f"inputs        {io(m['inputs'])}",
+        f"outputs       {io(m['outputs'])}",
+        f"metrics       {json.dumps(m['metrics']) if m['metrics'] else '-'}",
+        f"params        {json.dumps(m['params']) if m['params'] else '-'}",
+        f"parent        {m['parent'] or '-'}",
+        f"dataset hash  {m['dataset_hash'] or '-'}",
+        f"registered    {_when(m['created_at'])}",
+        f"download      {m['artifact_url']}",
+    ])
+
+
+def _models_register(args: argparse.Namespace) -> int:
+    fields = {
+        "metrics": _json_arg(args.metrics, "--metrics"), "params": _json_arg(args.params, "--params"),
+        "parent": args.parent, "dataset_hash": args.dataset_hash,
+    }
+    with _client() as client:
+        doc = client.register_model(args.file, name=args.name, version=args.model_version, **fields)
+    return _emit(args, doc, lambda m: "registered\n" + _model_text(m))
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    with _client() as client:
+        models = client.list_models(args.name)
+
+    def text(models: list[dict[str, Any]]) -> str:
+        if not models:
+            return "no models"
+        rows = [(m["name"], m["version"], ",".join(m["aliases"]) or None, m["format"], m["quantization"], m["size"],
+                 m["sha256"][:12], _when(m["created_at"])) for m in models]
+        return table(rows, ["NAME", "VERSION", "ALIASES", "FORMAT", "QUANTIZATION", "SIZE", "SHA256", "REGISTERED"])
+
+    return _emit(args, models, text)
+
+
+def _models_show(args: argparse.Namespace) -> int:
+    with _client() as client:
+        return _emit(args, client.model(args.ref), _model_text)
+
+
+def _models_alias(args: argparse.Namespace) -> int:
+    with _client() as client:
+        doc = client.set_alias(args.name, args.alias, args.alias_version)
+
+    def text(d: dict[str, Any]) -> str:
+        moved = f" (was {d['previous']})" if d["previous"] and d["previous"] != d["version"] else ""
+        return f"{d['name']}@{d['alias']} -> {d['version']}{moved}"
+
+    return _emit(args, doc, text)
+
+
+_HANDLERS: dict[tuple[str, str], Callable[[argparse.Namespace], int]] = {
+    ("fleet", "list"): _fleet_list,
+    ("fleet", "show"): _fleet_show,
+    ("fleet", "register"): _fleet_register,
+    ("models", "register"): _models_register,
+    ("models", "list"): _models_list,
+    ("models", "show"): _models_show,
+    ("models", "alias"): _models_alias,
+}

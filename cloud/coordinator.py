@@ -1,0 +1,181 @@
+"""The coordinator's composition root: the only place that knows every cloud piece.
+
+    with Coordinator(load_cloud_config("cloud.yaml")) as coordinator:
+        print(coordinator.url)            # http://127.0.0.1:8480
+        ...
+
+``start()`` opens the store (applying migrations), the artifact store and the model
+registry, starts the :class:`~cloud.ingest.Ingestor` (waiting up to
+``broker_wait_s`` for its subscription; a broker that is down is retried in the
+background while the API serves), then the HTTP server (uvicorn, on its own thread,
+on a socket bound here so a busy port fails ``start()`` with a clear error).
+``stop()`` undoes it in reverse order: no more requests, drain and acknowledge
+ingestion, close the store. Replicas may run side by side on one PostgreSQL store
+(``ingest.shared_group``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+import threading
+from typing import Any
+
+from ._config import CloudConfig
+from ._exceptions import CloudError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Coordinator", "CoordinatorState"]
+
+
+class CoordinatorState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Coordinator:
+    """Store + ingestion + registry + REST API, with ``start()``/``stop()``."""
+
+    def __init__(self, config: CloudConfig | None = None) -> None:
+        self.config = config or CloudConfig()
+        self.state = CoordinatorState.NEW
+        self.store: Any = None
+        self.artifacts: Any = None
+        self.registry: Any = None
+        self.ingestor: Any = None
+        self.desired: Any = None  # DESIRED-STATE HOOK: the DesiredStateWriter, once plugged in
+        self.app: Any = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._address: tuple[str, int] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Coordinator:
+        if self.state is not CoordinatorState.NEW:
+            raise CloudError(f"coordinator is {self.state.value}; make a new one to start again")
+        try:
+            self._start()
+        except BaseException:
+            self._shutdown()
+            raise
+        self.state = CoordinatorState.RUNNING
+        return self
+
+    def _start(self) -> None:
+        from .artifacts import ArtifactStore
+        from .ingest import Ingestor
+        from .registry.models import ModelRegistry
+        from .store import open_store
+
+        cfg = self.config
+        sock = _bind(*cfg.http_host_port)  # first: a busy port fails before anything else starts
+        try:
+            self.store = open_store(cfg.store_url)
+            self.artifacts = ArtifactStore(cfg.artifact_dir)
+            self.registry = ModelRegistry(self.store, self.artifacts, cfg.signing_key)
+            if self.registry.key_id is None:
+                log.warning("no signing_key: models are registered unsigned and devices will refuse them")
+            self.ingestor = Ingestor(self.store, cfg.ingest_config())
+            self.ingestor.start(timeout=None)
+            if not self.ingestor.subscribed.wait(cfg.broker_wait_s):
+                log.warning("broker %s not reachable yet; serving the API and retrying", cfg.broker_url)
+            routers = self._plug_desired_state()
+            self.app = self._make_app(routers)
+            self._serve(sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    # ------------------------------------------------------------------ desired-state hook
+    # >>> DESIRED-STATE HOOK (cloud/desired.py, DesiredStateWriter — another engineer's module)
+    # Plug it in here, and only here:
+    #   1. build it from self.store, self.config.broker_url and self.config.signing_key;
+    #   2. start it (it is the one writer of retained …/desired documents; with replicas,
+    #      only the elected leader writes);
+    #   3. return its APIRouter(s) so create_app mounts them (domain errors raised by its
+    #      handlers get the same HTTP translation as every other route);
+    #   4. stop it in stop(), before the ingestor (see _shutdown).
+    # Until then the coordinator has no desired-state endpoints.
+    def _plug_desired_state(self) -> list[Any]:
+        return []
+    # <<< DESIRED-STATE HOOK
+
+    def _make_app(self, routers: list[Any]) -> Any:
+        from .api import create_app
+
+        cfg = self.config
+        return create_app(
+            self.store, self.registry, self.artifacts, ingestor=self.ingestor, max_upload_bytes=cfg.max_upload_bytes,
+            metrics=cfg.metrics.enabled, lag_window_s=cfg.metrics.lag_window_s, routers=routers,
+        )
+
+    def _serve(self, sock: socket.socket) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(
+            self.app, log_config=None, log_level=self.config.log_level, access_log=False, lifespan="off",
+        )
+        self._server = uvicorn.Server(config)
+        self._address = sock.getsockname()[:2]
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="edgeml-coordinator-http", daemon=True
+        )
+        self._thread.start()
+        while not self._server.started:
+            self._thread.join(0.02)
+            if not self._thread.is_alive():
+                raise CloudError(f"the HTTP server on {self.config.http_addr} stopped while starting (see the log)")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving, drain ingestion (commit and acknowledge what was received), close the store."""
+        if self.state is CoordinatorState.RUNNING:
+            self._shutdown(timeout)
+        self.state = CoordinatorState.STOPPED
+
+    def _shutdown(self, timeout: float = 10.0) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("HTTP server did not stop within %.1fs", timeout)
+        if self.desired is not None:
+            self.desired.stop()  # DESIRED-STATE HOOK: stopped before ingestion
+        if self.ingestor is not None:
+            self.ingestor.stop(timeout)
+        if self.store is not None:
+            self.store.close()
+
+    def __enter__(self) -> Coordinator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ where
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` the API listens on (the real port when ``http_addr`` ends in ``:0``)."""
+        if self._address is None:
+            raise CloudError("coordinator not started")
+        return self._address
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise CloudError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock

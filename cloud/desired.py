@@ -1,0 +1,324 @@
+"""Desired states: signed, revisioned, retained documents, one per device.
+
+    election = LeaderElection(store_url).start()
+    with MqttPublisher("mqtt://broker:1883") as publish:
+        writer = DesiredStateWriter(store, publish, "fleet.key", is_leader=lambda: election.is_leader)
+        writer.set("plant", "dev-1", ModelRef(name="mlp", version="2.0.0", url=..., sha256=..., size=...))
+
+Only the leader writes (:class:`NotLeader` otherwise). :meth:`DesiredStateWriter.set`:
+
+1. one write transaction: take the device's row in ``desired_states`` (PostgreSQL
+   ``SELECT ... FOR UPDATE``, SQLite ``BEGIN IMMEDIATE``), ``revision = previous + 1``,
+   build and sign the document, store the exact payload bytes with the revision; commit.
+   Rows are never deleted, so a revision is never reused: not across restarts, not
+   across failovers, not by two writers racing (the second waits for the row);
+2. publish the stored bytes retained, QoS 1, on ``edgeml/v1/{fleet}/{device}/desired``;
+3. read the row again: if a newer revision was committed meanwhile (another thread, or
+   an old leader that had not noticed it lost), publish that one too. Whoever publishes
+   last therefore publishes the newest document, and the broker's retained copy never
+   ends older than the store.
+
+If the publish fails the document is stored but not on the broker (:class:`PublishError`):
+retry, or call :meth:`DesiredStateWriter.republish_all`, which a new leader calls anyway.
+
+Documents (see docs/protocol.md, "Desired state"): every number is an integer
+(``issued_at`` and ``expires_at`` in whole Unix seconds), so the canonical JSON of the
+signature is the same in every language (RFC 8785 for these documents). The document
+names its ``fleet`` and ``device``: a signed document copied to another device's topic
+is recognisably not that device's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import ValidationError
+
+from edgeml._config import parse_broker_url
+from edgeml.protocol import DesiredState, ModelRef, Topics
+from edgeml.protocol.signing import load_private_key, sign_document
+
+from ._exceptions import CloudError, ConfigError
+from .store import Store, Transaction
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DesiredStateWriter", "MqttPublisher", "NotLeader", "PublishError", "StoredDesired"]
+
+#: The agent rejects larger documents.
+MAX_DOCUMENT_BYTES = 256 * 1024
+
+Publish = Callable[[str, bytes], None]
+
+
+class NotLeader(CloudError):
+    """This replica is not the leader: only the leader writes desired states. Retry on the leader."""
+
+    transient = True
+
+
+class PublishError(CloudError):
+    """The broker did not acknowledge a publish in time (or refused it). Retry later."""
+
+    transient = True
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDesired:
+    """One device's current desired state as stored: ``payload`` is the exact published bytes."""
+
+    fleet: str
+    device: str
+    revision: int
+    payload: bytes
+    updated_at: float
+
+    @property
+    def document(self) -> dict[str, Any]:
+        return json.loads(self.payload)
+
+
+def encode_document(doc: Mapping[str, Any]) -> bytes:
+    """The payload of a signed document: sorted keys, no whitespace, UTF-8, integers only."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _model_dict(ref: ModelRef | Mapping[str, Any] | None, what: str) -> dict[str, Any] | None:
+    if ref is None:
+        return None
+    try:
+        model = ref if isinstance(ref, ModelRef) else ModelRef.model_validate(dict(ref))
+    except ValidationError as exc:
+        raise ValueError(f"{what}: {exc}") from exc
+    return model.model_dump(mode="json", exclude_none=True)
+
+
+class DesiredStateWriter:
+    """Write, sign, store and publish desired states; the leader only.
+
+    ``publish(topic, payload)`` must publish retained at QoS 1 and return only once the
+    broker acknowledged (raising otherwise), like :class:`MqttPublisher`. ``ttl_s`` is the
+    default lifetime of a document (None: documents do not expire).
+    """
+
+    def __init__(
+        self, store: Store, publish: Publish, signing_key: Any, *, is_leader: Callable[[], bool],
+        ttl_s: int | None = None,
+    ) -> None:
+        if ttl_s is not None and ttl_s <= 0:
+            raise ConfigError(f"ttl_s must be > 0, got {ttl_s}")
+        self.store = store
+        self.publish = publish
+        self._key = load_private_key(signing_key)
+        self.is_leader = is_leader
+        self.ttl_s = ttl_s
+
+    # ------------------------------------------------------------------ writes
+    def set(
+        self, fleet: str, device: str, model: ModelRef | Mapping[str, Any] | None = None,
+        shadow: ModelRef | Mapping[str, Any] | None = None, expires_in: int | None = None,
+    ) -> dict[str, Any]:
+        """Issue the next revision of ``device``'s desired state; return the signed document."""
+        topics = Topics(fleet, device)  # ValueError on a bad id
+        body = {"model": _model_dict(model, "model"), "shadow": _model_dict(shadow, "shadow")}
+        lifetime = self.ttl_s if expires_in is None else expires_in
+        if lifetime is not None and lifetime <= 0:
+            raise ValueError(f"expires_in must be > 0 seconds, got {lifetime}")
+        self._require_leader()
+        with self.store.transaction(write=True) as tx:
+            previous = self._lock_row(tx, fleet, device)
+            self._require_leader()  # the row lock may have waited on a newer leader
+            now = int(time.time())
+            doc: dict[str, Any] = {"v": 1, "fleet": fleet, "device": device, "revision": previous + 1, "issued_at": now, **body}
+            if lifetime is not None:
+                doc["expires_at"] = now + int(lifetime)
+            signed = sign_document(doc, self._key)
+            payload = encode_document(signed)
+            self._check(payload)
+            tx.execute(
+                "UPDATE desired_states SET revision = ?, payload = ?, updated_at = ? WHERE fleet = ? AND device_id = ?",
+                (signed["revision"], payload.decode(), time.time(), fleet, device),
+            )
+        log.info("desired state %s revision %d stored", topics.desired, signed["revision"])
+        self._publish_latest(fleet, device, signed["revision"], payload)
+        return signed
+
+    def republish_all(self, fleet: str | None = None) -> int:
+        """Publish every stored document again (a new leader does this); return how many."""
+        self._require_leader()
+        count = 0
+        for row in self.documents(fleet):
+            self._publish_latest(row.fleet, row.device, row.revision, row.payload)
+            count += 1
+        return count
+
+    def refresh_expiring(self, within_s: int) -> list[dict[str, Any]]:
+        """Re-issue (same models, next revision, full lifetime) documents expiring within ``within_s``."""
+        self._require_leader()
+        deadline = time.time() + within_s
+        renewed = []
+        for row in self.documents():
+            doc = row.document
+            if doc.get("expires_at") is not None and doc["expires_at"] <= deadline:
+                lifetime = self.ttl_s or int(doc["expires_at"] - doc["issued_at"])
+                renewed.append(self.set(row.fleet, row.device, doc.get("model"), doc.get("shadow"), lifetime))
+        return renewed
+
+    # ------------------------------------------------------------------ reads
+    def get(self, fleet: str, device: str) -> dict[str, Any] | None:
+        """The device's current signed document, or None if none was ever issued."""
+        row = self.stored(fleet, device)
+        return None if row is None else row.document
+
+    def stored(self, fleet: str, device: str) -> StoredDesired | None:
+        with self.store.transaction() as tx:
+            found = tx.execute(
+                "SELECT fleet, device_id, revision, payload, updated_at FROM desired_states "
+                "WHERE fleet = ? AND device_id = ? AND payload IS NOT NULL",
+                (fleet, device),
+            ).fetchone()
+        return None if found is None else _stored(found)
+
+    def documents(self, fleet: str | None = None) -> Iterator[StoredDesired]:
+        sql = "SELECT fleet, device_id, revision, payload, updated_at FROM desired_states WHERE payload IS NOT NULL"
+        params: tuple[Any, ...] = ()
+        if fleet is not None:
+            sql, params = sql + " AND fleet = ?", (fleet,)
+        with self.store.transaction() as tx:
+            rows = tx.execute(sql + " ORDER BY fleet, device_id", params).fetchall()
+        return (_stored(r) for r in rows)
+
+    # ------------------------------------------------------------------ internals
+    def _require_leader(self) -> None:
+        if not self.is_leader():
+            raise NotLeader("this coordinator replica is not the leader; desired states are written by the leader")
+
+    @staticmethod
+    def _lock_row(tx: Transaction, fleet: str, device: str) -> int:
+        """Take the device's revision row (created at 0 on first use); return its revision."""
+        tx.execute(
+            "INSERT INTO desired_states (fleet, device_id, revision, payload, updated_at) VALUES (?, ?, 0, NULL, ?) "
+            "ON CONFLICT DO NOTHING",
+            (fleet, device, time.time()),
+        )
+        row = tx.execute(
+            f"SELECT revision FROM desired_states WHERE fleet = ? AND device_id = ?{tx.for_update}", (fleet, device)
+        ).fetchone()
+        return int(row[0])
+
+    @staticmethod
+    def _check(payload: bytes) -> None:
+        if len(payload) > MAX_DOCUMENT_BYTES:
+            raise ValueError(f"desired state is {len(payload)} bytes; agents accept at most {MAX_DOCUMENT_BYTES}")
+        DesiredState.model_validate_json(payload)  # our own output: a failure here is a bug
+
+    def _publish_latest(self, fleet: str, device: str, revision: int, payload: bytes) -> None:
+        """Publish, then publish again while the store holds a newer revision than the one sent."""
+        topic = Topics(fleet, device).desired
+        while True:
+            try:
+                self.publish(topic, payload)
+            except CloudError:
+                raise
+            except Exception as exc:  # the publish callable is outside our tree: translate it
+                raise PublishError(f"publishing {topic} revision {revision} failed: {exc}") from exc
+            latest = self.stored(fleet, device)
+            if latest is None or latest.revision <= revision:
+                return
+            log.info("%s: revision %d was stored meanwhile; publishing it", topic, latest.revision)
+            revision, payload = latest.revision, latest.payload
+
+
+def _stored(row: Any) -> StoredDesired:
+    payload = row[3].encode() if isinstance(row[3], str) else bytes(row[3])
+    return StoredDesired(row[0], row[1], int(row[2]), payload, float(row[4]))
+
+
+class MqttPublisher:
+    """A small synchronous MQTT publisher for desired states: QoS 1, retained, waits for PUBACK.
+
+    ``publisher(topic, payload)`` returns once the broker acknowledged, or raises
+    :class:`PublishError`. After a failure the connection is dropped with whatever paho
+    still had queued, so a document that timed out is never delivered late (it could
+    overwrite a newer retained one). MQTT 3.1.1, clean session, a unique client id by
+    default: replicas' publishers never take over each other's sessions.
+    """
+
+    def __init__(self, broker_url: str, *, client_id: str | None = None, timeout_s: float = 10.0) -> None:
+        try:
+            self.broker = parse_broker_url(broker_url)
+        except ValueError as exc:
+            raise ConfigError(f"broker_url: {exc}") from exc
+        self.client_id = client_id or f"edgeml-desired-{uuid.uuid4().hex[:12]}"
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._client: mqtt.Client | None = None
+
+    def connect(self) -> MqttPublisher:
+        with self._lock:
+            self._ensure_client()
+        return self
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            client = self._ensure_client()
+            if not self._connected.wait(self.timeout_s):
+                self._reset()
+                raise PublishError(f"not connected to {self.broker.host}:{self.broker.port} within {self.timeout_s}s")
+            info = client.publish(topic, payload, qos=1, retain=True)
+            try:
+                info.wait_for_publish(self.timeout_s)
+            except (RuntimeError, ValueError) as exc:
+                self._reset()
+                raise PublishError(f"publish to {topic} failed: {exc}") from exc
+            if not info.is_published():
+                self._reset()
+                raise PublishError(f"no PUBACK for {topic} within {self.timeout_s}s")
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+    def __enter__(self) -> MqttPublisher:
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ensure_client(self) -> mqtt.Client:
+        if self._client is None:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, self.client_id, clean_session=True, protocol=mqtt.MQTTv311)
+            if self.broker.username:
+                client.username_pw_set(self.broker.username, self.broker.password)
+            if self.broker.tls:
+                client.tls_set()
+            client.reconnect_delay_set(0.2, 5)
+            client.on_connect = self._on_connect
+            client.on_disconnect = lambda *a: self._connected.clear()
+            client.connect_async(self.broker.host, self.broker.port, 30)
+            client.loop_start()
+            self._client = client
+        return self._client
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.warning("broker %s:%d refused the publisher: %s", self.broker.host, self.broker.port, reason)
+            return
+        self._connected.set()
+
+    def _reset(self) -> None:
+        client, self._client = self._client, None
+        self._connected.clear()
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
