@@ -418,46 +418,57 @@ class TelemetryBuffer:
     # ------------------------------------------------------------------ sync side
     def read_batch(self, after_seq: int, max_records: int, max_bytes: int) -> Batch | None:
         """The oldest committed segments after ``after_seq`` within both limits (at least one)."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT first_seq, last_seq, count, body FROM segments WHERE first_seq > ? ORDER BY first_seq LIMIT 256",
-                (after_seq,),
-            ).fetchall()
-        if not rows:
-            return None
         bodies: list[bytes] = []
         count = total = 0
-        last = rows[0][1]
-        for _, last_seq, n, body in rows:
-            if bodies and (count + n > max_records or total + len(body) + 1 > max_bytes):
-                break
-            bodies.append(body)
-            count += n
-            total += len(body) + 1
-            last = last_seq
-        return Batch(rows[0][0], last, count, bodies)
+        first = last = 0
+        with self._lock:
+            cursor = self._conn.execute(
+                "SELECT first_seq, last_seq, count, body FROM segments WHERE first_seq > ? ORDER BY first_seq",
+                (after_seq,),
+            )
+            try:
+                for first_seq, last_seq, n, body in cursor:  # rows are read lazily: stop early
+                    if bodies and (count + n > max_records or total + len(body) + 1 > max_bytes):
+                        break
+                    if not bodies:
+                        first = first_seq
+                    bodies.append(body)
+                    count += n
+                    total += len(body) + 1
+                    last = last_seq
+            finally:
+                cursor.close()
+        return Batch(first, last, count, bodies) if bodies else None
 
     def ack(self, first: int, last: int) -> int:
         """Delete the segments ``first``..``last`` (the broker acknowledged them); returns
         how many records that removed."""
+        return self.ack_many([(first, last)])
+
+    def ack_many(self, ranges: list[tuple[int, int]]) -> int:
+        """Delete several acknowledged ranges in one transaction (one fsync)."""
         now = time.time()
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-                count, size = self._conn.execute(
-                    "SELECT total(count), total(size) FROM segments WHERE first_seq BETWEEN ? AND ?", (first, last)
-                ).fetchone()
-                self._conn.execute("DELETE FROM segments WHERE first_seq BETWEEN ? AND ?", (first, last))
+                count = size = 0
+                for first, last in ranges:
+                    n, b = self._conn.execute(
+                        "SELECT total(count), total(size) FROM segments WHERE first_seq BETWEEN ? AND ?", (first, last)
+                    ).fetchone()
+                    self._conn.execute("DELETE FROM segments WHERE first_seq BETWEEN ? AND ?", (first, last))
+                    count += int(n)
+                    size += int(b)
                 self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('last_ack_ts', ?)", (repr(now),))
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
                 self._storage_errors += 1
                 raise StorageError(f"cannot delete acknowledged records: {exc}") from exc
-            self._records -= int(count)
-            self._bytes -= int(size)
+            self._records -= count
+            self._bytes -= size
             self._last_ack_ts = now
-        return int(count)
+        return count
 
     def oldest_seq(self) -> int | None:
         with self._lock:

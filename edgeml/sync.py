@@ -202,21 +202,25 @@ class MqttSync:
 
     # ------------------------------------------------------------------ publisher thread
     def _drain_acks(self) -> None:
+        """Delete every acknowledged batch waiting in the queue, in one transaction."""
+        done: list[_InFlight] = []
         while True:
             try:
                 mid = self._acks.get_nowait()
             except queue.Empty:
-                return
+                break
             with self._inflight_lock:
                 item = self._inflight.pop(mid, None)
-            if item is None:
-                continue  # a status message
-            try:
-                self.buffer.ack(item.first, item.last)
-            except StorageError as exc:
-                log.error("%s (the records will be sent again)", exc)
-                continue
-            self.acked_records += item.count
+            if item is not None:  # None: a status message
+                done.append(item)
+        if not done:
+            return
+        try:
+            self.buffer.ack_many([(item.first, item.last) for item in done])
+        except StorageError as exc:
+            log.error("%s (the records will be sent again)", exc)
+            return
+        self.acked_records += sum(item.count for item in done)
 
     def _publish_loop(self) -> None:
         limit = self.config.mqtt.max_inflight
