@@ -1,7 +1,7 @@
 """Coordinator settings: a YAML file and the environment (which wins), validated once.
 
 Short variables: ``EDGEML_BROKER_URL``, ``EDGEML_CLOUD_DB``, ``EDGEML_HTTP_ADDR``,
-``EDGEML_ARTIFACT_DIR``, ``EDGEML_SIGNING_KEY``; any nested key as
+``EDGEML_ARTIFACT_DIR``, ``EDGEML_SIGNING_KEY``, ``EDGEML_PUBLIC_URL``; any nested key as
 ``EDGEML_<SECTION>__<KEY>`` (``EDGEML_INGEST__POLICY=preregistered``). Variables meant
 for the agent (``EDGEML_DEVICE_ID``…) are ignored. configs/cloud.yaml documents every key.
 A bad value raises :class:`InvalidSetting` naming the key (and the variable it came from).
@@ -33,6 +33,7 @@ ENV_KEYS = {
     "EDGEML_HTTP_ADDR": "http_addr",
     "EDGEML_ARTIFACT_DIR": "artifact_dir",
     "EDGEML_SIGNING_KEY": "signing_key",
+    "EDGEML_PUBLIC_URL": "public_url",
 }
 DEFAULT_HTTP_ADDR = "127.0.0.1:8480"
 DEFAULT_DB = "edgeml-cloud.db"
@@ -70,6 +71,9 @@ class CloudConfig(_Settings):
     broker_url: str = "mqtt://127.0.0.1:1883"
     db: str = DEFAULT_DB
     http_addr: str = DEFAULT_HTTP_ADDR
+    #: Base URL devices download artifacts from (desired states carry absolute URLs);
+    #: None: ``http://{http_addr}`` with the port actually bound (see :meth:`public_base`).
+    public_url: str | None = None
     artifact_dir: Path = Path("edgeml-artifacts")
     signing_key: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -100,6 +104,23 @@ class CloudConfig(_Settings):
         parse_host_port(v)
         return v
 
+    @field_validator("public_url", mode="before")
+    @classmethod
+    def _public_url_empty(cls, v: Any) -> Any:
+        return None if v in ("", None) else v
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"use http://host[:port][/prefix] or https://..., got {v!r}")
+        if parts.query or parts.fragment:
+            raise ValueError(f"no query or fragment allowed, got {v!r}")
+        return v.rstrip("/")
+
     @field_validator("signing_key", mode="before")
     @classmethod
     def _signing_key_empty(cls, v: Any) -> Any:
@@ -124,6 +145,16 @@ class CloudConfig(_Settings):
     @property
     def http_host_port(self) -> tuple[str, int]:
         return parse_host_port(self.http_addr)
+
+    def public_base(self, bound: tuple[str, int] | None = None) -> str:
+        """Base of the artifact URLs given to devices: ``public_url``, else derived from
+        ``http_addr`` (with the ``bound`` port when ``http_addr`` ends in ``:0``)."""
+        if self.public_url is not None:
+            return self.public_url
+        host, port = self.http_host_port
+        if bound is not None:
+            port = bound[1]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     @property
     def store_url(self) -> str:

@@ -12,7 +12,11 @@ dependencies (sqlite3, psycopg, paho-mqtt) are translated at the module boundary
     │   └── MigrationError a schema migration failed; fatal
     ├── IngestError        the ingestor cannot run (broker refused, not started)
     │   └── PoisonMessage  one message is unusable; ``reason`` names why (counted, acked, skipped)
+    ├── InvalidInput       a caller's input is malformed (name, version, reference, JSON); HTTP 400
     ├── InvalidModel       a model file is corrupt, truncated or of an unsupported format
+    ├── NotLeader          this replica does not lead: only the leader writes desired states; HTTP 409
+    ├── PublishError       the broker did not acknowledge a desired state; transient, HTTP 503
+    ├── SigningKeyMissing  no signing key: desired states must be signed; HTTP 503
     ├── KeyFileError       a signing key cannot be written
     │   └── KeyFileExists  refusing to overwrite a key (pass force=True)
     └── ArtifactError      the artifact store cannot read or write (disk full); transient
@@ -75,6 +79,26 @@ class PoisonMessage(IngestError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class InvalidInput(CloudError):
+    """A caller's input is malformed (a bad name, version, reference or JSON): HTTP 400, CLI exit 2."""
+
+
+class NotLeader(CloudError):
+    """This replica is not the leader: only the leader writes desired states. Retry on the leader."""
+
+    transient = True
+
+
+class PublishError(CloudError):
+    """The broker did not acknowledge a publish in time (or refused it). Retry later."""
+
+    transient = True
+
+
+class SigningKeyMissing(CloudError):
+    """The coordinator has no signing key, and desired states must be signed."""
 
 
 class InvalidModel(CloudError):

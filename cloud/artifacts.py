@@ -245,7 +245,7 @@ def _stream(fh: IO[bytes], start: int, length: int) -> Iterator[bytes]:
 
 
 def artifact_router(store: ArtifactStore) -> APIRouter:
-    """Routes serving ``store``: ``GET|HEAD /v1/artifacts/{sha256}`` and ``…/{sha256}.sig``.
+    """Routes serving ``store``: ``GET`` and ``HEAD`` of ``/v1/artifacts/{sha256}`` and ``…/{sha256}.sig``.
 
     Artifact responses carry ``ETag: "{sha256}"``, ``Accept-Ranges: bytes`` and an
     immutable ``Cache-Control``; ``Range: bytes=a-b``, ``bytes=a-`` and ``bytes=-n`` give
@@ -262,14 +262,37 @@ def artifact_router(store: ArtifactStore) -> APIRouter:
         except ArtifactNotFound as exc:
             raise HTTPException(404, str(exc)) from None
 
-    # declared first: "{sha256}" alone would also match "abc….sig"
-    @router.api_route("/v1/artifacts/{sha256}.sig", methods=["GET", "HEAD"])
+    # declared first: "{sha256}" alone would also match "abc….sig". GET and HEAD are
+    # separate routes so that each has its own OpenAPI operation id.
+    @router.get("/v1/artifacts/{sha256}.sig")
     def get_signature(sha256: str) -> Response:
-        sig = lookup(sha256, store.read_signature)
-        return Response(sig, media_type="application/json", headers={"Cache-Control": "no-cache"})
+        """The artifact's detached signature (JSON)."""
+        return signature_response(sha256, head=False)
 
-    @router.api_route("/v1/artifacts/{sha256}", methods=["GET", "HEAD"])
+    @router.head("/v1/artifacts/{sha256}.sig")
+    def head_signature(sha256: str) -> Response:
+        """The signature's headers only."""
+        return signature_response(sha256, head=True)
+
+    @router.get("/v1/artifacts/{sha256}")
     def get_artifact(sha256: str, request: Request) -> Response:
+        """Download the artifact, whole or a ``Range`` of it (resumable)."""
+        return artifact_response(sha256, request, head=False)
+
+    @router.head("/v1/artifacts/{sha256}")
+    def head_artifact(sha256: str, request: Request) -> Response:
+        """The artifact's headers (``Content-Length``, ``ETag``…) without its bytes."""
+        return artifact_response(sha256, request, head=True)
+
+    def signature_response(sha256: str, head: bool) -> Response:
+        sig = lookup(sha256, store.read_signature)
+        headers = {"Cache-Control": "no-cache"}
+        if head:
+            headers["Content-Length"] = str(len(sig))
+            return Response(headers=headers, media_type="application/json")
+        return Response(sig, media_type="application/json", headers=headers)
+
+    def artifact_response(sha256: str, request: Request, head: bool) -> Response:
         fh = lookup(sha256, store.open)
         size = os.fstat(fh.fileno()).st_size
         etag = f'"{sha256}"'
@@ -291,7 +314,7 @@ def artifact_router(store: ArtifactStore) -> APIRouter:
                 headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         length = end - start + 1
         headers["Content-Length"] = str(length)
-        if request.method == "HEAD":
+        if head:
             fh.close()
             return Response(status_code=status, headers=headers, media_type="application/octet-stream")
         return StreamingResponse(

@@ -2,6 +2,7 @@
 
     edgeml cloud serve --config cloud.yaml
     edgeml fleet list | fleet show DEVICE [--fleet F] | fleet register DEVICE [--tag k=v]
+    edgeml fleet deploy DEVICE N@V [--shadow N@V] [--fleet F] | fleet desired DEVICE [--fleet F]
     edgeml models register FILE --name N --version V [--metrics JSON] [--parent N@V]
     edgeml models list | models show N@V | models alias N ALIAS VERSION
 
@@ -51,6 +52,17 @@ def register_subcommands(subparsers: Any) -> None:
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag (repeatable)")
     p.add_argument("--hardware-profile", metavar="NAME")
     _json_flag(p)
+    p = fleet_sub.add_parser("deploy", help="set the model a device should run (its signed desired state)")
+    p.add_argument("device", metavar="DEVICE")
+    p.add_argument("model", metavar="N@V", help="name@version or name@alias")
+    p.add_argument("--shadow", metavar="N@V", help="a shadow model run beside it")
+    p.add_argument("--expires-in", type=int, metavar="SECONDS", help="the document expires after this long")
+    p.add_argument("--fleet", default="default", help="fleet of the device (default: default)")
+    _json_flag(p)
+    p = fleet_sub.add_parser("desired", help="a device's current desired state")
+    p.add_argument("device", metavar="DEVICE")
+    p.add_argument("--fleet", default="default", help="fleet of the device (default: default)")
+    _json_flag(p)
 
     models = subparsers.add_parser("models", help="the model registry")
     models_sub = models.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -85,9 +97,8 @@ def _json_flag(parser: argparse.ArgumentParser) -> None:
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run a ``cloud``/``fleet``/``models`` command; return the exit code."""
-    from ._exceptions import CloudError, ConfigError
+    from ._exceptions import CloudError, ConfigError, InvalidInput
     from .client import CoordinatorError, CoordinatorUnavailable
-    from .registry.models import InvalidInput
 
     try:
         if args.command == "cloud":
@@ -277,6 +288,45 @@ def _fleet_register(args: argparse.Namespace) -> int:
     return _emit(args, doc, _device_text)
 
 
+def _ref_text(ref: dict[str, Any] | None) -> str:
+    if not ref:
+        return "-"
+    sha = f", sha256 {ref['sha256'][:12]}" if ref.get("sha256") else ""
+    size = f", {ref['size']} bytes" if ref.get("size") is not None else ""
+    return f"{ref['name']}@{ref['version']}{sha}{size}"
+
+
+def _desired_text(doc: dict[str, Any]) -> str:
+    expires = _when(doc["expires_at"]) if doc.get("expires_at") else "never"
+    model = doc.get("model") or {}
+    return "\n".join([
+        f"device      {doc['fleet']}/{doc['device']}",
+        f"revision    {doc['revision']} (issued {_when(doc['issued_at'])}, expires {expires})",
+        f"model       {_ref_text(doc.get('model'))}",
+        f"shadow      {_ref_text(doc.get('shadow'))}",
+        f"download    {model.get('url') or '-'}",
+        f"signed by   {doc.get('key_id') or '-'}",
+    ])
+
+
+def _fleet_deploy(args: argparse.Namespace) -> int:
+    if args.expires_in is not None and args.expires_in <= 0:
+        raise _UsageError(f"--expires-in must be > 0 seconds, got {args.expires_in}")
+    with _client() as client:
+        doc = client.deploy(args.fleet, args.device, args.model, shadow=args.shadow, expires_in=args.expires_in)
+
+    def text(d: dict[str, Any]) -> str:
+        shadow = f", shadow {_ref_text(d['shadow'])}" if d.get("shadow") else ""
+        return f"{d['fleet']}/{d['device']} revision {d['revision']}: model {_ref_text(d.get('model'))}{shadow}"
+
+    return _emit(args, doc, text)
+
+
+def _fleet_desired(args: argparse.Namespace) -> int:
+    with _client() as client:
+        return _emit(args, client.desired(args.fleet, args.device), _desired_text)
+
+
 def _model_text(m: dict[str, Any]) -> str:
     def io(tensors: list[dict[str, Any]]) -> str:
         return ", ".join(
@@ -344,6 +394,8 @@ _HANDLERS: dict[tuple[str, str], Callable[[argparse.Namespace], int]] = {
     ("fleet", "list"): _fleet_list,
     ("fleet", "show"): _fleet_show,
     ("fleet", "register"): _fleet_register,
+    ("fleet", "deploy"): _fleet_deploy,
+    ("fleet", "desired"): _fleet_desired,
     ("models", "register"): _models_register,
     ("models", "list"): _models_list,
     ("models", "show"): _models_show,

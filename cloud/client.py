@@ -112,3 +112,14 @@ class CloudClient:
 
     def set_alias(self, name: str, alias: str, version: str) -> dict[str, Any]:
         return self.request("PUT", f"/v1/models/{_q(name)}/aliases/{_q(alias)}", json={"version": version})
+
+    # ------------------------------------------------------------------ desired states
+    def desired(self, fleet: str, device: str) -> dict[str, Any]:
+        """The device's current signed desired-state document."""
+        return self.request("GET", f"/v1/devices/{_q(fleet)}/{_q(device)}/desired")
+
+    def deploy(self, fleet: str, device: str, model: str | None, *, shadow: str | None = None,
+               expires_in: int | None = None) -> dict[str, Any]:
+        """Set the device's desired state (``name@version`` or ``name@alias``); the signed document."""
+        body = {"model": model, "shadow": shadow, "expires_in": expires_in}
+        return self.request("PUT", f"/v1/devices/{_q(fleet)}/{_q(device)}/desired", json=body)

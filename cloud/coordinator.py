@@ -9,8 +9,11 @@ registry, starts the :class:`~cloud.ingest.Ingestor` (waiting up to
 ``broker_wait_s`` for its subscription; a broker that is down is retried in the
 background while the API serves), then the HTTP server (uvicorn, on its own thread,
 on a socket bound here so a busy port fails ``start()`` with a clear error).
-``stop()`` undoes it in reverse order: no more requests, drain and acknowledge
-ingestion, close the store. Replicas may run side by side on one PostgreSQL store
+Desired states (:mod:`cloud._desired_states`) are plugged in at the marked hook: a
+leader election on the store's database, a publisher to the broker and the writer
+signing with ``signing_key`` (none: their endpoints answer 503).
+``stop()`` undoes it in reverse order: no more requests, step down as leader, drain
+and acknowledge ingestion, close the store. Replicas may run side by side on one PostgreSQL store
 (``ingest.shared_group``).
 """
 
@@ -46,7 +49,7 @@ class Coordinator:
         self.artifacts: Any = None
         self.registry: Any = None
         self.ingestor: Any = None
-        self.desired: Any = None  # DESIRED-STATE HOOK: the DesiredStateWriter, once plugged in
+        self.desired: Any = None  # DESIRED-STATE HOOK: the DesiredStates service (election + writer)
         self.app: Any = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -72,6 +75,10 @@ class Coordinator:
 
         cfg = self.config
         sock = _bind(*cfg.http_host_port)  # first: a busy port fails before anything else starts
+        bound = sock.getsockname()[:2]
+        if cfg.public_url is None and bound[0] in ("0.0.0.0", "::"):
+            log.warning("public_url is not set and http_addr listens on every interface: desired states "
+                        "give devices %s artifact URLs; set public_url", cfg.public_base(bound))
         try:
             self.store = open_store(cfg.store_url)
             self.artifacts = ArtifactStore(cfg.artifact_dir)
@@ -90,17 +97,26 @@ class Coordinator:
             raise
 
     # ------------------------------------------------------------------ desired-state hook
-    # >>> DESIRED-STATE HOOK (cloud/desired.py, DesiredStateWriter — another engineer's module)
-    # Plug it in here, and only here:
-    #   1. build it from self.store, self.config.broker_url and self.config.signing_key;
-    #   2. start it (it is the one writer of retained …/desired documents; with replicas,
-    #      only the elected leader writes);
-    #   3. return its APIRouter(s) so create_app mounts them (domain errors raised by its
-    #      handlers get the same HTTP translation as every other route);
-    #   4. stop it in stop(), before the ingestor (see _shutdown).
-    # Until then the coordinator has no desired-state endpoints.
+    # >>> DESIRED-STATE HOOK
     def _plug_desired_state(self) -> list[Any]:
-        return []
+        """Build and start the desired-state service (election, publisher, writer); its routes.
+
+        Without a signing key nothing runs and the routes answer 503 (desired states must
+        be signed). Stopped in ``_shutdown``, after the HTTP server and before ingestion."""
+        from ._desired_states import DesiredStates
+        from .api._desired import desired_router
+
+        cfg = self.config
+        self.desired = DesiredStates(
+            self.store, self.registry, db_url=cfg.store_url, broker_url=cfg.broker_url, signing_key=cfg.signing_key,
+            public_base=self._public_base, preregistered_only=cfg.ingest.policy == "preregistered",
+        )
+        self.desired.start()
+        return [desired_router(self.desired)]
+
+    def _public_base(self) -> str:
+        return self.config.public_base(self._address)
+
     # <<< DESIRED-STATE HOOK
 
     def _make_app(self, routers: list[Any]) -> Any:
@@ -142,7 +158,7 @@ class Coordinator:
             if self._thread.is_alive():
                 log.error("HTTP server did not stop within %.1fs", timeout)
         if self.desired is not None:
-            self.desired.stop()  # DESIRED-STATE HOOK: stopped before ingestion
+            self.desired.stop(timeout)  # DESIRED-STATE HOOK: stopped before ingestion
         if self.ingestor is not None:
             self.ingestor.stop(timeout)
         if self.store is not None:

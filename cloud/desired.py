@@ -47,7 +47,7 @@ from edgeml._config import parse_broker_url
 from edgeml.protocol import DesiredState, ModelRef, Topics
 from edgeml.protocol.signing import load_private_key, sign_document
 
-from ._exceptions import CloudError, ConfigError
+from ._exceptions import CloudError, ConfigError, NotLeader, PublishError
 from .store import Store, Transaction
 
 log = logging.getLogger(__name__)
@@ -58,18 +58,6 @@ __all__ = ["DesiredStateWriter", "MqttPublisher", "NotLeader", "PublishError", "
 MAX_DOCUMENT_BYTES = 256 * 1024
 
 Publish = Callable[[str, bytes], None]
-
-
-class NotLeader(CloudError):
-    """This replica is not the leader: only the leader writes desired states. Retry on the leader."""
-
-    transient = True
-
-
-class PublishError(CloudError):
-    """The broker did not acknowledge a publish in time (or refused it). Retry later."""
-
-    transient = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,18 +5,17 @@
 Routes: ``/v1/devices`` (list, show with ingestion counters, ``PUT`` to pre-register),
 ``/v1/devices/{fleet}/{device}/telemetry``, ``/v1/events``, ``/v1/models`` (upload,
 list, show ``name@version`` or ``name@alias``, aliases), ``/v1/artifacts/{sha256}``
-(Range downloads and ``.sig``), ``/v1/health`` and ``/metrics``. Domain errors become
-HTTP statuses in ``_errors`` only.
+(Range downloads and ``.sig``), ``/v1/health`` and ``/metrics``; the coordinator mounts
+``/v1/devices/{fleet}/{device}/desired`` (``_desired``). Domain errors become HTTP
+statuses in ``_errors`` only.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Response
-from fastapi.openapi.utils import get_openapi
 
 from ..artifacts import ArtifactStore, artifact_router
 from ._errors import install_error_handlers, status_of
@@ -59,7 +58,6 @@ def create_app(
             "signing_key_id": registry.key_id,
         }
 
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     if metrics:
         prometheus = metrics_registry(store, ingestor, lag_window_s=lag_window_s)
 
@@ -69,24 +67,6 @@ def create_app(
             return Response(render(prometheus), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """The schema, with unique operation ids: FastAPI gives a GET+HEAD route (the artifact
-    routes) one id for both methods and warns; the HEAD operation gets ``_head`` appended."""
-    if app.openapi_schema is None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Duplicate Operation ID")
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        seen: set[str] = set()
-        for operations in schema.get("paths", {}).values():
-            for method, operation in operations.items():
-                op_id = operation.get("operationId")
-                if op_id in seen:
-                    operation["operationId"] = f"{op_id}_{method}"
-                seen.add(operation.get("operationId"))
-        app.openapi_schema = schema
-    return app.openapi_schema
 
 
 def _version() -> str:

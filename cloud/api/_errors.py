@@ -2,9 +2,11 @@
 
 Handlers raise the cloud's own exceptions; :func:`install_error_handlers` turns them
 into ``{"detail": "...", "error": "ClassName"}`` with the status below (the first class
-that matches wins, so subclasses come first). Request validation errors (a missing
-form field, a query parameter of the wrong type) are bad input: 400, not FastAPI's 422,
-which is kept for a model file that is not a valid model.
+that matches wins, so subclasses come first). A 503 of a transient error carries
+``Retry-After``. :class:`NotLeader` is 409, not 503: retrying the same replica does not
+help until it wins an election; send the request to the leader. Request validation
+errors (a missing form field, a query parameter of the wrong type) are bad input: 400,
+not FastAPI's 422, which is kept for a model file that is not a valid model.
 """
 
 from __future__ import annotations
@@ -19,22 +21,28 @@ from .._exceptions import (
     CloudError,
     Conflict,
     InvalidDigest,
+    InvalidInput,
     InvalidModel,
     NotFound,
+    NotLeader,
+    PublishError,
     RangeNotSatisfiable,
+    SigningKeyMissing,
     StoreError,
 )
-from ..registry.models import InvalidInput
 
 #: (error class, HTTP status), most specific first.
 STATUS: tuple[tuple[type[CloudError], int], ...] = (
     (NotFound, 404),
+    (NotLeader, 409),  # not a retry here: the request belongs on the leader replica
     (ArtifactNotFound, 404),
     (Conflict, 409),
     (InvalidModel, 422),
     (InvalidInput, 400),
     (InvalidDigest, 400),
     (RangeNotSatisfiable, 416),
+    (PublishError, 503),  # the broker is down: the document is stored, retry to publish it
+    (SigningKeyMissing, 503),  # configuration: desired states must be signed
     (StoreError, 503),  # transient: the database is down or locked; retry
     (ArtifactError, 503),
     (CloudError, 500),
@@ -46,7 +54,8 @@ def status_of(exc: CloudError) -> int:
 
 
 def _error(status: int, exc: Exception, detail: str) -> JSONResponse:
-    headers = {"Retry-After": "5"} if status == 503 else None
+    retry = status == 503 and getattr(exc, "transient", False)
+    headers = {"Retry-After": "5"} if retry else None
     return JSONResponse({"detail": detail, "error": type(exc).__name__}, status_code=status, headers=headers)
 
 

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgeml.protocol import check_id
 
-from ..registry.models import InvalidInput, ModelRegistry, model_json, parse_ref
+from .._exceptions import InvalidInput
+from ..registry.models import ModelRegistry, model_json, parse_ref
 from ..store import Device, DeviceTotals, Store, StreamCounters
 
 

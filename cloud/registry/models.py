@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from .._exceptions import CloudError, Conflict, NotFound
+from .._exceptions import Conflict, InvalidInput, NotFound
 from ..artifacts import CHUNK_SIZE, ArtifactStore
 from ..store import ModelRecord, Store
 from .inspect import inspect_model
@@ -38,10 +38,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 _ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
 _HASH = re.compile(r"^[A-Za-z0-9:._-]{1,200}$")
-
-
-class InvalidInput(CloudError):
-    """A caller's input is malformed (a bad name, version, reference or JSON): HTTP 400, CLI exit 2."""
 
 
 def _check(pattern: re.Pattern[str], value: Any, what: str, rule: str) -> str:
