@@ -26,7 +26,9 @@ from .protocol import check_id
 
 ENV_PREFIX = "EDGEML_"
 #: The top-level keys with a short environment variable of their own.
-ENV_KEYS = ("device_id", "fleet", "data_dir", "broker_url", "model_path", "api_addr", "hardware_profile")
+ENV_KEYS = (
+    "device_id", "fleet", "data_dir", "broker_url", "model_path", "api_addr", "hardware_profile", "fleet_pubkey",
+)
 
 DEFAULT_API_ADDR = "127.0.0.1:8470"
 DEFAULT_DATA_DIR = "edgeml-data"
@@ -112,6 +114,24 @@ class RuntimeSettings(_Settings):
     warmup_runs: int = Field(3, ge=0, le=1000)
 
 
+class UpdateSettings(_Settings):
+    """Safe model updates: how candidates are fetched, checked and put on probation."""
+
+    require_signature: bool = True
+    download_timeout_s: float = Field(30.0, gt=0)
+    download_retries: int = Field(5, ge=0, le=100)
+    retry_backoff_s: float = Field(1.0, ge=0)
+    max_model_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    min_free_bytes: int = Field(32 * 1024 * 1024, ge=0)
+    contract: Literal["same", "none"] = "same"
+    health_latency_budget_ms: float | None = Field(None, gt=0)
+    probation_s: float = Field(60.0, ge=0)
+    probation_min_predictions: int = Field(20, ge=0)
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    probation_latency_budget_ms: float | None = Field(None, gt=0)
+    crash_loop_limit: int = Field(2, ge=1)
+
+
 class DiscoverySettings(_Settings):
     browse: bool = True
     announce: bool = True
@@ -128,11 +148,13 @@ class AgentConfig(_Settings):
     model_path: Path | None = None
     api_addr: str | None = DEFAULT_API_ADDR
     hardware_profile: str | None = None
+    fleet_pubkey: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     mqtt: MqttSettings = MqttSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     runtime: RuntimeSettings = RuntimeSettings()
     discovery: DiscoverySettings = DiscoverySettings()
+    updates: UpdateSettings = UpdateSettings()
 
     @field_validator("device_id")
     @classmethod

@@ -93,6 +93,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 class ModelStore:
+    """Content-addressed model files plus an A/B pointer: the *active* model and the
+    *previous* one (the rollback target). The pointer (``active.json``) is replaced
+    atomically, so a power cut leaves either the old or the new pair, never a mix.
+    Only a model that loaded and passed its checks is ever written into it."""
+
     def __init__(self, root: Path, *, engine: str = "auto", threads: int = 1, warmup_runs: int = 3) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
@@ -105,14 +110,36 @@ class ModelStore:
     def _pointer(self) -> Path:
         return self.root / "active.json"
 
-    def active_info(self) -> ModelInfo | None:
+    def _read_pointer(self) -> dict[str, Any]:
         try:
-            return ModelInfo(**json.loads(self._pointer.read_text()))
+            doc = json.loads(self._pointer.read_text())
         except FileNotFoundError:
-            return None
-        except (ValueError, TypeError) as exc:
+            return {}
+        except ValueError as exc:
             log.error("ignoring unreadable %s: %s", self._pointer, exc)
+            return {}
+        if "sha256" in doc:  # the first layout: the active model's info alone
+            return {"active": doc, "previous": None}
+        return doc
+
+    @staticmethod
+    def _info(doc: dict[str, Any] | None) -> ModelInfo | None:
+        if not doc:
             return None
+        try:
+            return ModelInfo(**doc)
+        except TypeError as exc:
+            log.error("ignoring malformed model record %s: %s", doc, exc)
+            return None
+
+    def active_info(self) -> ModelInfo | None:
+        return self._info(self._read_pointer().get("active"))
+
+    def previous_info(self) -> ModelInfo | None:
+        return self._info(self._read_pointer().get("previous"))
+
+    def path_of(self, info: ModelInfo) -> Path:
+        return self.root / info.file
 
     def load(self, path: Path, *, name: str | None = None, version: str | None = None) -> LoadedModel:
         """Load and warm up a model file (not yet made active). ModelLoadError on failure."""
@@ -131,28 +158,65 @@ class ModelStore:
             raise ModelLoadError(f"model {path} has no outputs")
         return LoadedModel(info, runtime, runtime.outputs[0].name)
 
-    def install(self, source: Path) -> LoadedModel:
-        """Load ``source``; if it works, copy it into the store and make it active."""
-        candidate = self.load(source)
-        stored = self.root / f"{candidate.info.sha256}{source.suffix}"
+    def load_info(self, info: ModelInfo) -> LoadedModel:
+        """Load a stored model and check it is byte for byte the one recorded."""
+        path = self.path_of(info)
+        loaded = self.load(path, name=info.name, version=info.version)
+        if loaded.info.sha256 != info.sha256:
+            raise ModelLoadError(f"stored model {path} does not match its recorded sha256")
+        return LoadedModel(info, loaded.runtime, loaded.first_output)
+
+    def keep(self, source: Path, loaded: LoadedModel) -> ModelInfo:
+        """Copy a loaded model file into the store (write, fsync, rename); its info there."""
+        suffix = ".tflite" if loaded.info.engine == "litert" else ".onnx"
+        stored = self.root / f"{loaded.info.sha256}{suffix}"
         with self._lock:
-            if not stored.exists():
+            if stored.resolve() != source.resolve() and not stored.exists():
                 tmp = stored.with_name(f".{stored.name}.tmp")
                 shutil.copyfile(source, tmp)
                 with tmp.open("rb") as fh:
                     os.fsync(fh.fileno())
                 os.replace(tmp, stored)
-            info = ModelInfo(**{**candidate.info.to_json(), "file": stored.name})
-            atomic_write(self._pointer, json.dumps(info.to_json(), indent=2).encode())
+                _fsync_dir(self.root)
+        return ModelInfo(**{**loaded.info.to_json(), "file": stored.name})
+
+    def switch(self, new: ModelInfo) -> None:
+        """Make ``new`` active; the active one becomes the rollback target (atomic)."""
+        with self._lock:
+            current = self._read_pointer()
+            active = current.get("active")
+            previous = active if active and active.get("sha256") != new.sha256 else current.get("previous")
+            atomic_write(self._pointer, json.dumps({"active": new.to_json(), "previous": previous}, indent=2).encode())
+
+    def rollback(self) -> ModelInfo | None:
+        """Make the previous model active again (atomic); returns it, or None if there is none."""
+        with self._lock:
+            current = self._read_pointer()
+            previous = current.get("previous")
+            if not previous:
+                return None
+            atomic_write(self._pointer, json.dumps({"active": previous, "previous": None}, indent=2).encode())
+            return ModelInfo(**previous)
+
+    def install(self, source: Path) -> LoadedModel:
+        """Load ``source``; if it works, keep it in the store and make it active."""
+        candidate = self.load(source)
+        info = self.keep(source, candidate)
+        self.switch(info)
         return LoadedModel(info, candidate.runtime, candidate.first_output)
 
     def load_active(self) -> LoadedModel | None:
         """Load the active model of the store, or None if there is none."""
         info = self.active_info()
-        if info is None:
-            return None
-        path = self.root / info.file
-        loaded = self.load(path, name=info.name, version=info.version)
-        if loaded.info.sha256 != info.sha256:
-            raise ModelLoadError(f"stored model {path} does not match its recorded sha256")
-        return LoadedModel(info, loaded.runtime, loaded.first_output)
+        return None if info is None else self.load_info(info)
+
+    def collect_garbage(self, keep: set[str] = frozenset()) -> int:  # type: ignore[assignment]
+        """Delete model files that neither slot (nor ``keep``, sha256s) refers to."""
+        pointer = self._read_pointer()
+        wanted = {d["sha256"] for d in (pointer.get("active"), pointer.get("previous")) if d} | set(keep)
+        removed = 0
+        for path in self.root.iterdir():
+            if path.suffix in (".onnx", ".tflite") and path.stem not in wanted:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed

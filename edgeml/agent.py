@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import psutil
-from pydantic import ValidationError
 
 from . import __version__
 from ._config import AgentConfig
-from ._exceptions import BrokerNotFound, ModelError, ModelLoadError, NoModelError
+from ._exceptions import BrokerNotFound, InputError, ModelError, ModelLoadError, NoModelError
 from ._models import LoadedModel, ModelStore
 from .buffer import TelemetryBuffer
-from .protocol import DESIRED, DesiredState, parse_topic
+from .protocol import DESIRED, parse_topic
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,6 @@ class Agent:
         self._errors = 0
         self._bad_messages = 0
         self._last_dropped_reported = 0
-        self._desired: DesiredState | None = None
         self._process = psutil.Process()
         self._process.cpu_percent(None)
         self._sample_rate = config.telemetry.sample_rate
@@ -67,6 +65,7 @@ class Agent:
         self._api: Any = None
         self._scheduler: Any = None
         self._announcer: Any = None
+        self._updates: Any = None
         self._running = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -88,12 +87,14 @@ class Agent:
         )
         self.event("agent_started", message=f"edgeml agent {__version__}", data={"pid": os.getpid()})
         self._load_initial_model()
+        self._start_updates()
         if cfg.api_addr:
             from .api import LocalAPI
 
             self._api = LocalAPI(self, *cfg.api_host_port)  # type: ignore[misc]
             self._api.start()
         self._start_sync()
+        self._updates.start()
         self._start_jobs()
         if cfg.discovery.announce and self._api is not None:
             self._announce()
@@ -110,6 +111,9 @@ class Agent:
         if self._api is not None:
             self._api.stop()
             self._api = None
+        if self._updates is not None:
+            self._updates.stop()
+            self._updates = None
         if self._buffer is not None:
             self.event("agent_stopped")
             self._buffer.flush()
@@ -119,9 +123,7 @@ class Agent:
         if self._buffer is not None:
             self._buffer.close()
             self._buffer = None
-        if self._model is not None:
-            self._model.runtime.close()
-            self._model = None
+        self._model = None
         self._running = False
 
     def __enter__(self) -> Agent:
@@ -156,11 +158,11 @@ class Agent:
             log.warning("no model loaded: /v1/predict answers 503 until one is")
 
     def _activate(self, model: LoadedModel) -> None:
-        old, self._model = self._model, model
+        # one reference assignment: a request in flight finishes on the model it started
+        # with (the old runtime is freed when the last such request drops it)
+        self._model = model
         log.info("serving model %s %s (%s)", model.name, model.version, model.info.engine)
         self.event("model_loaded", data={**model.info.to_json(), **model.signature()})
-        if old is not None:
-            old.runtime.close()
 
     def load_model(self, path: str | os.PathLike[str]) -> LoadedModel:
         """Install a model file and serve it; the current model stays if it fails."""
@@ -188,11 +190,13 @@ class Agent:
             t0 = time.perf_counter()
             outputs = runtime.run(feeds)
             latency = (time.perf_counter() - t0) * 1e6
-        except ModelError:
+        except InputError:
             self._count_error()
             raise
         except Exception as exc:  # an engine failure on valid inputs
             self._count_error()
+            if self._updates is not None:
+                self._updates.observe(None)
             raise ModelError(f"inference failed: {exc}") from exc
         name, version = model.name, model.version
         buffer = self._buffer
@@ -201,6 +205,9 @@ class Agent:
             if self._sample_rate and random.random() < self._sample_rate:
                 buffer.append("sample", {"model": name, "version": version, "inputs": dict(feeds), "outputs": outputs})
         self._predictions = next(self._prediction_counter)  # atomic under the GIL, no lock
+        updates = self._updates
+        if updates is not None and updates.probation is not None:
+            updates.probation.observe(latency)
         return Prediction(outputs, name, version, latency)
 
     def _count_error(self) -> None:
@@ -266,26 +273,38 @@ class Agent:
         if broker is not None:
             self._sync.start(broker)
 
+    def _start_updates(self) -> None:
+        from .updates import UpdateManager
+
+        assert self._store is not None
+        self._updates = UpdateManager(
+            self.config, self._store, current=lambda: self._model, activate=self._activate,
+            event=self.event, report=self._report_state,
+        )
+
+    def _report_state(self, payload: bytes) -> None:
+        if self._sync is not None:
+            self._sync.publish_state(payload)
+
     def _on_message(self, topic: str, payload: bytes) -> None:
-        """Runs on paho's network thread: validate and hand over, never block."""
-        from .sync import MAX_INCOMING_BYTES
+        """Runs on paho's network thread: check and hand over, never block."""
+        from .updates import UpdateRejected
 
         try:
             _, _, leaf = parse_topic(topic)
             if leaf != DESIRED:
-                raise ValueError(f"unexpected topic {topic}")
-            if len(payload) > MAX_INCOMING_BYTES:
-                raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_INCOMING_BYTES}")
-            desired = DesiredState.model_validate_json(payload)
-        except (ValueError, ValidationError) as exc:
-            with self._counter_lock:
-                self._bad_messages += 1
-            reason = str(exc).splitlines()[0][:300]
-            log.warning("rejected message on %s: %s", topic, reason)
-            self.event("bad_message", level="warning", message=reason, data={"topic": topic, "bytes": len(payload)})
-            return
-        self._desired = desired
-        self.event("desired_received", data={"revision": desired.revision})
+                raise UpdateRejected("malformed", f"unexpected topic {topic}")
+            self._updates.offer(payload)
+        except (ValueError, UpdateRejected) as exc:
+            reason = getattr(exc, "reason", "malformed")
+            message = str(exc).splitlines()[0][:300]
+            if reason in ("malformed", "too_large"):
+                with self._counter_lock:
+                    self._bad_messages += 1
+                log.warning("rejected message on %s: %s", topic, message)
+                self.event("bad_message", level="warning", message=message, data={"topic": topic, "bytes": len(payload)})
+            else:
+                self._updates.note_rejection(exc)
 
     # ------------------------------------------------------------------ jobs
     def _start_jobs(self) -> None:
@@ -303,6 +322,8 @@ class Agent:
     def _housekeeping(self) -> None:
         if self._buffer is not None:
             self._buffer.housekeeping()
+        if self._updates is not None:
+            self._updates.retry()
 
     def _announce(self) -> None:
         """Announce the local API on the LAN, in the background (probing takes seconds)."""
@@ -340,7 +361,9 @@ class Agent:
             "fleet": self.config.fleet,
             "uptime_s": round(time.time() - self.started_at, 3),
             "model": ({**model.info.to_json(), **model.signature()} if model else None),
-            "desired_revision": self._desired.revision if self._desired else None,
+            "applied_revision": self._updates.record.applied_revision if self._updates else None,
+            "update": self._updates.state_document()["update"] if self._updates else None,
+            "last_rejection": self._updates.last_rejection if self._updates else None,
             "counters": counters,
             "buffer": buffer,
             "sync": sync,

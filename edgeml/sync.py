@@ -103,6 +103,7 @@ class MqttSync:
             b'{"v":%d,"fleet":%s,"device":%s,"stream":%s,"sent_at":'
             % (PROTOCOL_VERSION, orjson.dumps(config.fleet), orjson.dumps(config.device_id), orjson.dumps(buffer.stream))
         )
+        self._state_payload: bytes | None = None
         self._client = self._make_client()
         buffer.add_listener(self._wake.set)
 
@@ -175,6 +176,12 @@ class MqttSync:
         self._client.disconnect()
         self._client.loop_stop()
 
+    def publish_state(self, payload: bytes) -> None:
+        """The reported state (retained): sent now if connected, and again on every connection."""
+        self._state_payload = payload
+        if self.connected.is_set():
+            self._client.publish(self.topics.state, payload, qos=1, retain=True)
+
     # ------------------------------------------------------------------ paho thread
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
@@ -183,6 +190,8 @@ class MqttSync:
         self.connects += 1
         log.info("connected to %s (session present: %s)", self.broker, flags.session_present)
         client.publish(self.topics.status, self._status("online", "connected"), qos=1, retain=True)
+        if self._state_payload is not None:
+            client.publish(self.topics.state, self._state_payload, qos=1, retain=True)
         client.subscribe(self.topics.desired, qos=1)  # re-subscribe on every CONNACK
         self.connected.set()
         self._wake.set()

@@ -126,9 +126,46 @@ class DesiredState(_Message):
     signature: str | None = Field(None, description="ed25519 signature (base64) over the canonical document without this field (sorted keys, no whitespace, UTF-8; key_id included).")
 
 
+class ModelSlot(_Message):
+    """A model on the device: what the A/B pointer records."""
+
+    name: str
+    version: str
+    sha256: str
+    size: int
+    engine: str
+
+
+class UpdateStatus(_Message):
+    state: Literal["idle", "downloading", "verifying", "installing", "switching", "probation", "rolling_back"]
+    revision: int | None = Field(None, description="Desired revision being (or last) worked on.")
+    target: ModelRef | None = None
+    result: Literal["success", "rejected", "failed", "rolled_back"] | None = Field(
+        None, description="Outcome of the last finished update (null while one runs)."
+    )
+    reason: str | None = Field(None, description="Why it was rejected, failed or rolled back.")
+    started_at: float | None = None
+    updated_at: float | None = None
+
+
+class ReportedState(_Message):
+    """Payload of ``edgeml/v1/{fleet}/{device}/state`` (QoS 1, retained): what the device runs."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    fleet: str
+    device: str
+    ts: float
+    applied_revision: int | None = Field(None, description="Highest desired revision the device has acted on.")
+    active: ModelSlot | None = None
+    previous: ModelSlot | None = Field(None, description="The rollback target.")
+    update: UpdateStatus
+    hardware_profile: str | None = None
+
+
 #: Every message type, by the topic leaf it travels on.
 MESSAGES: dict[str, type[BaseModel]] = {
     "telemetry": TelemetryBatch,
     "status": Status,
     "desired": DesiredState,
+    "state": ReportedState,
 }

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 
-from ._messages import DesiredState, Status, TelemetryBatch, TelemetryRecord
+from ._messages import DesiredState, ReportedState, Status, TelemetryBatch, TelemetryRecord
 
 BEGIN = "<!-- BEGIN GENERATED SCHEMAS: python -m edgeml.protocol.doc docs/protocol.md -->"
 END = "<!-- END GENERATED SCHEMAS -->"
@@ -21,6 +21,7 @@ _SECTIONS = [
     ("TelemetryRecord", "one element of `records`", TypeAdapter(TelemetryRecord).json_schema()),
     ("Status", "`…/status` and the last will", Status.model_json_schema()),
     ("DesiredState", "`…/desired`", DesiredState.model_json_schema()),
+    ("ReportedState", "`…/state`", ReportedState.model_json_schema()),
 ]
 
 

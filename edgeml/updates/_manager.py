@@ -1,0 +1,397 @@
+"""Drives the update machine: reconciles the device to its desired state.
+
+Threads: :meth:`UpdateManager.offer` runs on paho's network thread and only checks
+and queues a document; the ``edgeml-updates`` worker thread runs the machine;
+:meth:`observe` runs on the predict path during probation (a counter update).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from .._config import AgentConfig
+from .._exceptions import ModelLoadError, SignatureError
+from .._json import dumps, loads
+from .._models import LoadedModel, ModelInfo, ModelStore
+from ..protocol import DesiredState
+from ._download import UpdateRejected, _hash, check_disk, download, fetch_small
+from ._health import check_contract, health_check
+from ._machine import Event, State, UpdateLog, next_state
+
+log = logging.getLogger(__name__)
+
+MAX_DOCUMENT_BYTES = 256 * 1024
+#: Test hook: ``EDGEML_UPDATE_CRASH_AT=<state>`` kills the agent (SIGKILL) right after
+#: that state is persisted, to prove that every state resumes or rolls back.
+CRASH_AT_ENV = "EDGEML_UPDATE_CRASH_AT"
+
+
+class Probation:
+    """Counts what the new model does in service (called on the predict path)."""
+
+    def __init__(self) -> None:
+        self.predictions = 0
+        self.errors = 0
+        self.latencies: list[float] = []
+
+    def observe(self, latency_us: float | None) -> None:
+        if latency_us is None:
+            self.errors += 1
+        else:
+            self.predictions += 1
+            if len(self.latencies) < 10_000:
+                self.latencies.append(latency_us)
+
+
+class UpdateManager:
+    def __init__(
+        self,
+        config: AgentConfig,
+        store: ModelStore,
+        *,
+        current: Callable[[], LoadedModel | None],
+        activate: Callable[[LoadedModel], None],
+        event: Callable[..., None],
+        report: Callable[[bytes], None],
+    ) -> None:
+        self.config = config
+        self.settings = config.updates
+        self.store = store
+        self._current = current
+        self._activate = activate
+        self._event = event
+        self._report = report
+        self.log = UpdateLog(Path(config.data_dir) / "updates.db")
+        self.record = self.log.load()
+        self._keys = self._load_keys()
+        self._pending: dict[str, Any] | None = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._candidate: LoadedModel | None = None
+        self.probation: Probation | None = None
+        self.last_rejection: dict[str, Any] | None = None
+        self._retry_doc: dict[str, Any] | None = None
+
+    def _load_keys(self) -> Any:
+        if self.config.fleet_pubkey is None:
+            return None
+        from ..protocol.signing import load_public_keys
+
+        return load_public_keys([self.config.fleet_pubkey])
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="edgeml-updates", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(30)
+        if self.record.state is State.PROBATION:  # a clean stop is not a crash
+            self.record = self.log.save(replace(self.record, extra={**self.record.extra, "clean_stop": True}))
+        self.log.close()
+
+    # ------------------------------------------------------------------ paho thread
+    def offer(self, payload: bytes) -> None:
+        """Check a desired-state document and queue it. Raises UpdateRejected (the caller
+        reports malformed messages as such, and the rest through :meth:`note_rejection`)."""
+        doc = self._check(payload)
+        if doc is None:
+            return
+        with self._cond:
+            self._pending = doc
+            self._cond.notify_all()
+
+    def note_rejection(self, exc: UpdateRejected) -> None:
+        self._reject(exc.reason, str(exc), None)
+
+    def _check(self, payload: bytes) -> dict[str, Any] | None:
+        if len(payload) > MAX_DOCUMENT_BYTES:
+            raise UpdateRejected("too_large", f"desired state of {len(payload)} bytes exceeds {MAX_DOCUMENT_BYTES}")
+        try:
+            doc = loads(payload)
+        except ValueError as exc:
+            raise UpdateRejected("malformed", f"desired state is not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise UpdateRejected("malformed", "desired state must be a JSON object")
+        if self._keys is not None:
+            from ..protocol.signing import verify_document
+
+            try:
+                verify_document(doc, self._keys)
+            except SignatureError as exc:
+                raise UpdateRejected(exc.reason, f"desired state signature: {exc}") from None
+        elif self.settings.require_signature:
+            raise UpdateRejected("no_trusted_key", "desired states must be signed but no fleet_pubkey is configured")
+        try:
+            desired = DesiredState.model_validate(doc)
+        except ValidationError as exc:
+            raise UpdateRejected("malformed", str(exc).splitlines()[0]) from None
+        for field_name, mine in (("fleet", self.config.fleet), ("device", self.config.device_id)):
+            theirs = getattr(desired, field_name)
+            if theirs is not None and theirs != mine:
+                raise UpdateRejected("wrong_device", f"desired state is for {field_name} {theirs!r}, this is {mine!r}")
+        record = self.record
+        seen = max(record.applied_revision or 0, record.revision if record.state is not State.IDLE else 0)
+        if desired.revision == seen or (self._pending and self._pending["revision"] == desired.revision):
+            return None  # the retained copy again: nothing new
+        if desired.revision < seen:
+            raise UpdateRejected(
+                "replayed", f"desired revision {desired.revision} is older than revision {seen} already acted on"
+            )
+        if desired.expires_at is not None and desired.expires_at < time.time():
+            raise UpdateRejected("expired", f"desired revision {desired.revision} expired at {desired.expires_at}")
+        return doc
+
+    def _reject(self, reason: str, message: str, revision: int | None) -> None:
+        log.warning("update rejected (%s): %s", reason, message)
+        self.last_rejection = {"reason": reason, "message": message, "revision": revision, "ts": time.time()}
+        self._event("update_rejected", level="warning", message=message, data={"reason": reason, "revision": revision})
+        self.publish_state()
+
+    # ------------------------------------------------------------------ predict path
+    def observe(self, latency_us: float | None) -> None:
+        probe = self.probation
+        if probe is not None:
+            probe.observe(latency_us)
+
+    # ------------------------------------------------------------------ worker thread
+    def _work(self) -> None:
+        if self.record.state is not State.IDLE:
+            log.warning("resuming the update to revision %s in state %s", self.record.revision, self.record.state.value)
+            self._run(Event.RESUME)
+        self.publish_state()
+        while not self._stop.is_set():
+            with self._cond:
+                while self._pending is None and not self._stop.is_set():
+                    self._cond.wait(1.0)
+                doc, self._pending = self._pending, None
+            if doc is not None and not self._stop.is_set():
+                self._begin(doc)
+
+    def retry(self) -> None:
+        """Offer again a document whose update failed for a transient reason."""
+        doc, self._retry_doc = self._retry_doc, None
+        if doc is not None and self.record.state is State.IDLE:
+            with self._cond:
+                self._pending = self._pending or doc
+                self._cond.notify_all()
+
+    def _begin(self, doc: dict[str, Any]) -> None:
+        desired = DesiredState.model_validate(doc)
+        target = desired.model.model_dump(exclude_none=True) if desired.model else None
+        active = self._current()
+        if target is None or (active is not None and target.get("sha256") == active.info.sha256):
+            self.record = self.log.save(replace(self.record, applied_revision=desired.revision, revision=desired.revision,
+                                                result="success", reason="already_active" if target else "no_model_desired"))
+            self._event("update_skipped", data={"revision": desired.revision, "reason": self.record.reason})
+            self.publish_state()
+            return
+        self.record = replace(
+            self.record, revision=desired.revision, target=target, document=doc, candidate=None, result=None,
+            reason=None, started_at=time.time(), probation_started=None, crashes=0, extra={},
+        )
+        self._run(Event.DESIRED)
+
+    def _run(self, event: Event) -> None:
+        while True:
+            self._advance(event)
+            if self.record.state is State.IDLE or self._stop.is_set():
+                return
+            event = self._act(self.record.state)
+            if event is None:  # stopping: the state stays persisted for the next start
+                return
+
+    def _advance(self, event: Event, **fields: Any) -> None:
+        state = next_state(self.record.state, event)
+        self.record = self.log.save(replace(self.record, state=state, **fields), event)
+        log.info("update %s: %s -> %s", self.record.revision, event.value, state.value)
+        self._event("update_state", data={"state": state.value, "event": event.value, "revision": self.record.revision,
+                                          "result": self.record.result, "reason": self.record.reason})
+        if os.environ.get(CRASH_AT_ENV) == state.value and event is not Event.RESUME:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: a power cut right after the commit
+        self.publish_state()
+
+    def _act(self, state: State) -> Event | None:
+        try:
+            return getattr(self, f"_do_{state.value}")()
+        except UpdateRejected as exc:
+            return self._fail(exc.reason, str(exc), transient=exc.transient)
+        except ModelLoadError as exc:
+            return self._fail("load_failed", str(exc))
+
+    def _fail(self, reason: str, message: str, *, transient: bool = False) -> Event:
+        log.warning("update to revision %s failed (%s): %s", self.record.revision, reason, message)
+        self._event("update_failed", level="warning", message=message, data={"reason": reason, "revision": self.record.revision})
+        rolled = self.record.state is State.PROBATION
+        applied = self.record.applied_revision if transient else self.record.revision
+        if transient:
+            self._retry_doc = self.record.document
+        self.record = replace(self.record, result="rolled_back" if rolled else ("failed" if transient else "rejected"),
+                              reason=reason, applied_revision=applied)
+        self._cleanup()
+        return Event.FAILED
+
+    # ------------------------------------------------------------------ actions (one per state)
+    def _part(self) -> Path:
+        return self.store.root / f"incoming-{self.record.revision}.part"
+
+    def _do_downloading(self) -> Event:
+        target = self.record.target or {}
+        sha = target.get("sha256")
+        if sha and any(p.stem == sha for p in self.store.root.glob(f"{sha}.*")):
+            return Event.DOWNLOADED  # already on the device (e.g. the previous model)
+        url = target.get("url")
+        if not url:
+            raise UpdateRejected("no_url", "the desired model has no url and is not on the device")
+        size = target.get("size")
+        if size is not None and size > self.settings.max_model_bytes:
+            raise UpdateRejected("too_large", f"artifact of {size} bytes exceeds the limit of {self.settings.max_model_bytes}")
+        part = self._part()
+        have = part.stat().st_size if part.exists() else 0
+        check_disk(self.store.root, max(0, (size or 0) - have), self.settings.min_free_bytes)
+        download(url, part, size=size, sha256=sha, max_bytes=self.settings.max_model_bytes,
+                 timeout_s=self.settings.download_timeout_s, retries=self.settings.download_retries,
+                 backoff_s=self.settings.retry_backoff_s)
+        return Event.DOWNLOADED
+
+    def _do_verifying(self) -> Event:
+        target = self.record.target or {}
+        sha = target.get("sha256")
+        existing = [p for p in self.store.root.glob(f"{sha}.*") if p.suffix in (".onnx", ".tflite")] if sha else []
+        part = existing[0] if existing else self._part()
+        if not part.exists():
+            raise UpdateRejected("truncated", "the downloaded file is gone")
+        digest = _hash(part)
+        if sha and digest != sha:
+            part.unlink(missing_ok=True)
+            raise UpdateRejected("hash_mismatch", f"artifact sha256 is {digest}, the desired state says {sha}")
+        if self._keys is not None:
+            from ..protocol.signing import verify_digest
+
+            url = target.get("url")
+            if not url:
+                raise UpdateRejected("missing_signature", "no url to fetch the artifact signature from")
+            signature = fetch_small(url + ".sig", timeout_s=self.settings.download_timeout_s)
+            try:
+                verify_digest(digest, signature, self._keys)
+            except SignatureError as exc:
+                part.unlink(missing_ok=True)
+                raise UpdateRejected(exc.reason, f"artifact signature: {exc}") from None
+        elif self.settings.require_signature:
+            raise UpdateRejected("no_trusted_key", "artifacts must be signed but no fleet_pubkey is configured")
+        with part.open("rb") as fh:
+            head = fh.read(8)
+        final = self.store.root / f"{digest}{'.tflite' if head[4:8] == b'TFL3' else '.onnx'}"
+        if part != final:
+            os.replace(part, final)  # verified: it enters the content-addressed store
+        self.record = replace(self.record, candidate={"file": final.name, "sha256": digest})
+        return Event.VERIFIED
+
+    def _do_installing(self) -> Event:
+        target = self.record.target or {}
+        path = self.store.root / self.record.candidate["file"]  # type: ignore[index]
+        loaded = self.store.load(path, name=target.get("name"), version=target.get("version"))
+        if self.settings.contract == "same":
+            check_contract(loaded, self._current())
+        report = health_check(loaded, latency_budget_ms=self.settings.health_latency_budget_ms)
+        self._event("update_health", data={**report, "revision": self.record.revision})
+        self._candidate = loaded
+        self.record = replace(self.record, candidate=loaded.info.to_json())
+        return Event.HEALTHY
+
+    def _do_switching(self) -> Event:
+        info = ModelInfo(**self.record.candidate)  # type: ignore[arg-type]
+        model = self._candidate if self._candidate and self._candidate.info.sha256 == info.sha256 else self.store.load_info(info)
+        self._candidate = None
+        self.store.switch(info)  # one atomic rename: the device now boots into the new model
+        self._activate(model)
+        self.record = replace(self.record, probation_started=time.time())
+        return Event.SWITCHED
+
+    def _do_probation(self) -> Event | None:
+        s = self.settings
+        record = self.record
+        if record.extra.get("entered") and not record.extra.get("clean_stop"):
+            crashes = record.crashes + 1  # the agent died while this model was on probation
+            record = self.record = self.log.save(replace(record, crashes=crashes))
+            self._event("probation_crash", level="warning", data={"crashes": crashes, "revision": record.revision})
+            if crashes >= s.crash_loop_limit:
+                raise UpdateRejected("crash_loop", f"the agent restarted {crashes} times during probation")
+        self.record = self.log.save(replace(record, extra={"entered": True}))
+        probe = self.probation = Probation()
+        started = time.monotonic()
+        try:
+            while not self._stop.wait(0.1):
+                elapsed = time.monotonic() - started
+                n, errors = probe.predictions, probe.errors
+                total = n + errors
+                if total >= max(1, s.probation_min_predictions) and errors / total > s.max_error_rate:
+                    raise UpdateRejected("error_rate", f"{errors} of {total} predictions failed during probation")
+                if s.probation_latency_budget_ms and n >= max(1, s.probation_min_predictions):
+                    p95 = float(np.percentile(probe.latencies, 95)) / 1000
+                    if p95 > s.probation_latency_budget_ms:
+                        raise UpdateRejected("latency", f"p95 latency {p95:.3f} ms exceeds {s.probation_latency_budget_ms} ms")
+                if elapsed >= s.probation_s and (total >= s.probation_min_predictions or elapsed >= 3 * s.probation_s):
+                    self.record = replace(self.record, result="success", reason=None,
+                                          applied_revision=self.record.revision, extra={})
+                    self._event("update_succeeded", data={"revision": self.record.revision, "predictions": n,
+                                                          "errors": errors})
+                    self.store.collect_garbage()
+                    return Event.PASSED
+            return None
+        finally:
+            self.probation = None
+
+    def _do_rolling_back(self) -> Event:
+        active = self.store.active_info()
+        candidate = self.record.candidate or {}
+        if active is not None and active.sha256 == candidate.get("sha256"):
+            previous = self.store.rollback()
+            if previous is None:
+                self._event("rollback_impossible", level="error", message="no previous model to return to")
+                return Event.ROLLED_BACK
+        restored = self.store.active_info()
+        current = self._current()
+        if restored is not None and (current is None or current.info.sha256 != restored.sha256):
+            self._activate(self.store.load_info(restored))
+        self._event("update_rolled_back", level="warning", message=self.record.reason or "",
+                    data={"revision": self.record.revision, "restored": restored.to_json() if restored else None})
+        self.record = replace(self.record, extra={})
+        return Event.ROLLED_BACK
+
+    def _cleanup(self) -> None:
+        self._candidate = None
+        for part in self.store.root.glob("incoming-*.part"):
+            part.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ reporting
+    def state_document(self) -> dict[str, Any]:
+        r = self.record
+        active, previous = self.store.active_info(), self.store.previous_info()
+        slot = lambda i: i and {k: getattr(i, k) for k in ("name", "version", "sha256", "size", "engine")}  # noqa: E731
+        return {
+            "v": 1, "fleet": self.config.fleet, "device": self.config.device_id, "ts": time.time(),
+            "applied_revision": r.applied_revision, "active": slot(active), "previous": slot(previous),
+            "update": {"state": r.state.value, "revision": r.revision, "target": r.target, "result": r.result,
+                       "reason": r.reason, "started_at": r.started_at, "updated_at": r.updated_at},
+            "last_rejection": self.last_rejection, "hardware_profile": self.config.hardware_profile,
+        }
+
+    def publish_state(self) -> None:
+        self._report(dumps(self.state_document()))
