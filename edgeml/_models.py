@@ -180,13 +180,21 @@ class ModelStore:
                 _fsync_dir(self.root)
         return ModelInfo(**{**loaded.info.to_json(), "file": stored.name})
 
-    def switch(self, new: ModelInfo) -> None:
+    def seed(self) -> str | None:
+        """sha256 of the last start-up model (``model_path``) that was installed."""
+        return self._read_pointer().get("seed")
+
+    def _write(self, doc: dict[str, Any]) -> None:
+        atomic_write(self._pointer, json.dumps(doc, indent=2).encode())
+
+    def switch(self, new: ModelInfo, *, seed: bool = False) -> None:
         """Make ``new`` active; the active one becomes the rollback target (atomic)."""
         with self._lock:
             current = self._read_pointer()
             active = current.get("active")
             previous = active if active and active.get("sha256") != new.sha256 else current.get("previous")
-            atomic_write(self._pointer, json.dumps({"active": new.to_json(), "previous": previous}, indent=2).encode())
+            self._write({**current, "active": new.to_json(), "previous": previous,
+                         **({"seed": new.sha256} if seed else {})})
 
     def rollback(self) -> ModelInfo | None:
         """Make the previous model active again (atomic); returns it, or None if there is none."""
@@ -195,14 +203,15 @@ class ModelStore:
             previous = current.get("previous")
             if not previous:
                 return None
-            atomic_write(self._pointer, json.dumps({"active": previous, "previous": None}, indent=2).encode())
+            self._write({**current, "active": previous, "previous": None})
             return ModelInfo(**previous)
 
-    def install(self, source: Path) -> LoadedModel:
-        """Load ``source``; if it works, keep it in the store and make it active."""
+    def install(self, source: Path, *, seed: bool = False) -> LoadedModel:
+        """Load ``source``; if it works, keep it in the store and make it active
+        (``seed``: it is the start-up model, remembered so it is installed only once)."""
         candidate = self.load(source)
         info = self.keep(source, candidate)
-        self.switch(info)
+        self.switch(info, seed=seed)
         return LoadedModel(info, candidate.runtime, candidate.first_output)
 
     def load_active(self) -> LoadedModel | None:

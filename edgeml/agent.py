@@ -133,15 +133,21 @@ class Agent:
         self.stop()
 
     def _load_initial_model(self) -> None:
+        """Serve the stored model; install ``model_path`` first if it is new.
+
+        ``model_path`` is the model to *start* with: it is installed on the first start,
+        and again only when the file's content changes. A model the fleet deployed since
+        then stays active across restarts.
+        """
         assert self._store is not None
         path = self.config.model_path
         if path is not None:
             try:
-                active = self._store.active_info()
                 from ._models import sha256_file
 
-                if active is None or not Path(path).exists() or sha256_file(Path(path)) != active.sha256:
-                    self._activate(self._store.install(Path(path)))
+                digest = sha256_file(Path(path)) if Path(path).exists() else None
+                if digest is None or digest != self._store.seed():
+                    self._activate(self._store.install(Path(path), seed=True))
                     return
             except ModelLoadError as exc:
                 log.error("%s", exc)

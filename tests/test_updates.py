@@ -1,0 +1,311 @@
+"""Safe model updates, driven for real: coordinator (registry, signed artifacts, signed
+retained desired states) -> Mosquitto -> agent (download, verify, health, switch, probation)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import paho.mqtt.client as mqtt
+import pytest
+from onnx import numpy_helper
+from paho.mqtt.enums import CallbackAPIVersion
+
+from cloud import Coordinator
+from cloud._config import CloudConfig
+from cloud.keys import generate_keys
+from edgeml import Agent, load_config
+from edgeml._testing import models as modelgen
+from edgeml.protocol import ReportedState, Topics
+from edgeml.protocol.signing import sign_document
+from edgeml.updates import TRANSITIONS, Event, State
+
+from .conftest import Broker, Collector, agent_env, free_port, wait_until
+
+X = np.random.default_rng(3).standard_normal((1, 4)).astype(np.float32)
+TOPICS = Topics("plant", "dev-1")
+
+
+class Fleet:
+    """A coordinator on SQLite with a fleet key, and helpers to register and deploy."""
+
+    def __init__(self, tmp: Path, broker: Broker) -> None:
+        self.tmp = tmp
+        self.broker = broker
+        self.keys = tmp / "keys"
+        generate_keys(self.keys)
+        config = CloudConfig(broker_url=broker.url, db=f"sqlite://{tmp}/cloud.db", http_addr="127.0.0.1:0",
+                             artifact_dir=tmp / "artifacts", signing_key=self.keys / "fleet.key")
+        self.coordinator = Coordinator(config).start()
+        wait_until(lambda: self.coordinator.desired.is_leader, 10, what="leadership")
+        self.http = httpx.Client(base_url=self.coordinator.url, timeout=30)
+
+    def register(self, path: Path, version: str) -> dict[str, Any]:
+        with path.open("rb") as fh:
+            r = self.http.post("/v1/models", data={"name": "mlp", "version": version}, files={"file": (path.name, fh)})
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def deploy(self, ref: str) -> dict[str, Any]:
+        r = self.http.put("/v1/devices/plant/dev-1/desired", json={"model": ref})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def publish_raw(self, doc: dict[str, Any]) -> None:
+        """Publish a desired document ourselves (an attacker with broker access, or a replay)."""
+        client = mqtt.Client(CallbackAPIVersion.VERSION2)
+        client.connect("127.0.0.1", self.broker.port)
+        client.loop_start()
+        client.publish(TOPICS.desired, json.dumps(doc), qos=1, retain=True).wait_for_publish(5)
+        client.disconnect()
+        client.loop_stop()
+
+    def signed(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return sign_document(doc, self.keys / "fleet.key")
+
+    def close(self) -> None:
+        self.http.close()
+        self.coordinator.stop()
+
+
+@pytest.fixture
+def fleet(broker: Broker, tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path / "cloud", broker)
+    yield f
+    f.close()
+
+
+def agent_settings(tmp_path: Path, broker: Broker, fleet: Fleet, model: Path, **extra: Any) -> dict[str, str]:
+    settings: dict[str, Any] = dict(
+        EDGEML_DATA_DIR=tmp_path / "agent", EDGEML_API_ADDR=f"127.0.0.1:{free_port()}", EDGEML_BROKER_URL=broker.url,
+        EDGEML_MODEL_PATH=model, EDGEML_DEVICE_ID="dev-1", EDGEML_FLEET="plant",
+        EDGEML_FLEET_PUBKEY=fleet.keys / "fleet.pub", EDGEML_UPDATES__PROBATION_S=0.3,
+        EDGEML_UPDATES__PROBATION_MIN_PREDICTIONS=0, EDGEML_UPDATES__RETRY_BACKOFF_S=0.05,
+        EDGEML_MQTT__RECONNECT_MAX_S=1,
+    )
+    return agent_env(**{**settings, **extra})
+
+
+def make_agent(tmp_path: Path, broker: Broker, fleet: Fleet, model: Path, **extra: Any) -> Agent:
+    return Agent(load_config(env=agent_settings(tmp_path, broker, fleet, model, **extra)))
+
+
+def finished(agent: Agent, revision: int) -> dict[str, Any] | None:
+    status = agent.status()
+    update = status["update"]
+    return status if update["revision"] == revision and update["state"] == "idle" and update["result"] else None
+
+
+def reported(collector: Collector) -> ReportedState:
+    return ReportedState.model_validate(collector.payloads("state")[-1])
+
+
+def nan_model(src: Path, dst: Path) -> Path:
+    """The same network with one weight set to NaN: loads fine, answers NaN."""
+    model = onnx.load(src)
+    init = model.graph.initializer[0]
+    arr = numpy_helper.to_array(init).copy()
+    arr.flat[0] = np.nan
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(model, dst)
+    return dst
+
+
+def test_transition_table_is_complete_and_closed() -> None:
+    for state in State:
+        assert TRANSITIONS[(state, Event.RESUME)] is state
+    reachable = {State.IDLE}
+    frontier = [State.IDLE]
+    while frontier:
+        s = frontier.pop()
+        for (src, _), dst in TRANSITIONS.items():
+            if src is s and dst not in reachable:
+                reachable.add(dst)
+                frontier.append(dst)
+    assert reachable == set(State)
+    # every non-idle state can get back to idle
+    for state in State:
+        seen, frontier = {state}, [state]
+        while frontier:
+            s = frontier.pop()
+            for (src, _), dst in TRANSITIONS.items():
+                if src is s and dst not in seen:
+                    seen.add(dst)
+                    frontier.append(dst)
+        assert State.IDLE in seen, state
+
+
+def test_update_end_to_end_predictions_never_stop(
+    broker: Broker, collector: Collector, fleet: Fleet, models: dict[str, Path], tmp_path: Path
+) -> None:
+    v1 = fleet.register(models["onnx_float"], "1.0.0")
+    v2 = fleet.register(models["onnx_v2"], "2.0.0")
+    agent = make_agent(tmp_path, broker, fleet, models["onnx_float"])
+    failures: list[Exception] = []
+    served: set[str] = set()
+    stop = threading.Event()
+
+    def app() -> None:
+        while not stop.is_set():
+            try:
+                served.add(agent.predict({"input": X}).version)
+            except Exception as exc:  # noqa: BLE001 - the test collects every failure
+                failures.append(exc)
+
+    with agent:
+        thread = threading.Thread(target=app)
+        thread.start()
+        try:
+            doc = fleet.deploy("mlp@2.0.0")
+            status = wait_until(lambda: finished(agent, doc["revision"]), 30, what="update")
+        finally:
+            stop.set()
+            thread.join()
+        assert status["update"]["result"] == "success", status["update"]
+        assert agent.model is not None and agent.model.version == "2.0.0"
+        assert agent.model.info.sha256 == v2["sha256"]
+        np.testing.assert_allclose(agent.predict({"input": X}).outputs["probs"],
+                                   modelgen.reference_forward(X, modelgen.mlp_weights(seed=7)), atol=1e-5)
+        wait_until(lambda: reported(collector).update.result == "success", what="reported state")
+    assert not failures and served == {"1.0.0", "2.0.0"}
+    state = reported(collector)
+    assert state.active is not None and state.active.sha256 == v2["sha256"]
+    assert state.previous is not None and state.previous.sha256 == v1["sha256"]
+    assert state.applied_revision == doc["revision"]
+    steps = [r["data"]["state"] for r in collector.records() if r.get("name") == "update_state"]
+    assert steps == ["downloading", "verifying", "installing", "switching", "probation", "idle"]
+    # the agent restarts on the new model, from its own store
+    with make_agent(tmp_path, broker, fleet, models["onnx_float"]) as again:
+        assert again.model is not None and again.model.version == "2.0.0"
+
+
+def _rejected(agent: Agent, reason: str) -> bool:
+    status = agent.status()
+    last = status["last_rejection"] or {}
+    return last.get("reason") == reason or (status["update"]["result"] in ("rejected", "failed")
+                                            and status["update"]["reason"] == reason)
+
+
+def test_rejections_leave_the_active_model_untouched(
+    broker: Broker, collector: Collector, fleet: Fleet, models: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet.register(models["onnx_float"], "1.0.0")
+    v2 = fleet.register(models["onnx_v2"], "2.0.0")
+    other = modelgen.build_onnx_mlp(tmp_path / "five.onnx", n_in=5, version="5.0.0")
+    fleet.http.post("/v1/models", data={"name": "five", "version": "5.0.0"},
+                    files={"file": ("five.onnx", other.read_bytes())}).raise_for_status()
+    agent = make_agent(tmp_path, broker, fleet, models["onnx_float"])
+    with agent:
+        active = agent.model.info.sha256  # type: ignore[union-attr]
+
+        def untouched() -> None:
+            assert agent.model is not None and agent.model.info.sha256 == active
+            assert agent.predict({"input": X}).version == "1.0.0"
+
+        # 1. a tampered artifact served by the coordinator (same size, different bytes)
+        path = next(fleet.coordinator.artifacts.root.rglob(v2["sha256"]))
+        original = path.read_bytes()
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+        doc = fleet.deploy("mlp@2.0.0")
+        wait_until(lambda: finished(agent, doc["revision"]), 30, what="tampered update")
+        assert agent.status()["update"]["reason"] == "hash_mismatch"
+        untouched()
+        path.write_bytes(original)
+
+        # 2. a model that breaks the application's contract (5 inputs instead of 4)
+        r = fleet.http.put("/v1/devices/plant/dev-1/desired", json={"model": "five@5.0.0"})
+        rev = r.json()["revision"]
+        wait_until(lambda: finished(agent, rev), 30, what="contract update")
+        assert agent.status()["update"]["reason"] == "contract"
+        untouched()
+
+        # 3. a truncated download: the server sends fewer bytes than the document says
+        doc = fleet.signed({**doc, "revision": 100, "signature": None, "key_id": None,
+                            "model": {**doc["model"], "size": doc["model"]["size"] + 10}})
+        fleet.publish_raw({k: v for k, v in doc.items()})
+        wait_until(lambda: finished(agent, 100), 30, what="truncated update")
+        assert agent.status()["update"]["reason"] == "truncated"
+        untouched()
+
+        # 4. a replayed desired document (an old revision, validly signed)
+        old = {**doc, "revision": 1}
+        old = fleet.signed({k: v for k, v in old.items() if k not in ("signature", "key_id")})
+        fleet.publish_raw(old)
+        wait_until(lambda: _rejected(agent, "replayed"), 10, what="replay rejection")
+        untouched()
+
+        # 5. an expired document (freeze attack)
+        expired = fleet.signed({k: v for k, v in {**doc, "revision": 110, "expires_at": int(time.time()) - 60}.items()
+                                if k not in ("signature", "key_id")})
+        fleet.publish_raw(expired)
+        wait_until(lambda: _rejected(agent, "expired"), 10, what="expiry rejection")
+
+        # 6. a document signed by a key the device does not trust
+        rogue = tmp_path / "rogue"
+        generate_keys(rogue)
+        forged = sign_document({k: v for k, v in {**doc, "revision": 120}.items() if k not in ("signature", "key_id")},
+                               rogue / "fleet.key")
+        fleet.publish_raw(forged)
+        wait_until(lambda: _rejected(agent, "unknown_key"), 10, what="wrong-key rejection")
+
+        # 7. a bad signature (the document changed after signing)
+        tampered = {**fleet.signed({k: v for k, v in {**doc, "revision": 130}.items()
+                                    if k not in ("signature", "key_id")}), "revision": 131}
+        fleet.publish_raw(tampered)
+        wait_until(lambda: _rejected(agent, "bad_signature"), 10, what="bad-signature rejection")
+        untouched()
+    events = [r for r in collector.records() if r.get("name") in ("update_rejected", "update_failed")]
+    reasons = {e["data"]["reason"] for e in events}
+    assert {"hash_mismatch", "truncated", "contract", "replayed", "expired", "unknown_key", "bad_signature"} <= reasons
+    assert reported(collector).model_extra["last_rejection"]["reason"] == "bad_signature"
+
+
+def test_not_enough_disk_is_refused(broker: Broker, fleet: Fleet, models: dict[str, Path], tmp_path: Path) -> None:
+    fleet.register(models["onnx_float"], "1.0.0")
+    fleet.register(models["onnx_v2"], "2.0.0")
+    with make_agent(tmp_path, broker, fleet, models["onnx_float"], EDGEML_UPDATES__MIN_FREE_BYTES=1 << 60) as agent:
+        doc = fleet.deploy("mlp@2.0.0")
+        wait_until(lambda: finished(agent, doc["revision"]), 30, what="update")
+        assert agent.status()["update"]["reason"] == "no_disk"
+        assert agent.model is not None and agent.model.version == "1.0.0"
+
+
+def test_unhealthy_candidate_is_never_activated(
+    broker: Broker, fleet: Fleet, models: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet.register(models["onnx_float"], "1.0.0")
+    fleet.register(nan_model(models["onnx_v2"], tmp_path / "nan.onnx"), "2.0.0")
+    with make_agent(tmp_path, broker, fleet, models["onnx_float"]) as agent:
+        doc = fleet.deploy("mlp@2.0.0")
+        status = wait_until(lambda: finished(agent, doc["revision"]), 30, what="update")
+        assert (status["update"]["result"], status["update"]["reason"]) == ("rejected", "unhealthy")
+        assert agent.model is not None and agent.model.version == "1.0.0"
+
+
+def test_failing_in_service_rolls_back_by_itself(
+    broker: Broker, collector: Collector, fleet: Fleet, models: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet.register(models["onnx_float"], "1.0.0")
+    fleet.register(models["onnx_v2"], "2.0.0")
+    # a latency budget no model can meet: the new one fails its probation in service
+    agent = make_agent(tmp_path, broker, fleet, models["onnx_float"], EDGEML_UPDATES__PROBATION_S=30,
+                       EDGEML_UPDATES__PROBATION_MIN_PREDICTIONS=20,
+                       EDGEML_UPDATES__PROBATION_LATENCY_BUDGET_MS=0.000001)
+    with agent:
+        doc = fleet.deploy("mlp@2.0.0")
+        wait_until(lambda: agent.status()["update"]["state"] == "probation", 30, what="probation")
+        assert agent.model is not None and agent.model.version == "2.0.0"
+        for _ in range(50):
+            agent.predict({"input": X})
+        status = wait_until(lambda: finished(agent, doc["revision"]), 30, what="rollback")
+        assert (status["update"]["result"], status["update"]["reason"]) == ("rolled_back", "latency")
+        assert agent.model.version == "1.0.0"
+        wait_until(lambda: reported(collector).update.result == "rolled_back", what="reported rollback")
+    assert any(r.get("name") == "update_rolled_back" for r in collector.records())
