@@ -130,6 +130,8 @@ class UpdateSettings(_Settings):
     max_error_rate: float = Field(0.05, ge=0, le=1)
     probation_latency_budget_ms: float | None = Field(None, gt=0)
     crash_loop_limit: int = Field(2, ge=1)
+    shadow_sample_rate: float = Field(0.1, ge=0, le=1)
+    shadow_cpu_share: float = Field(0.25, gt=0, le=1)
 
 
 class DiscoverySettings(_Settings):

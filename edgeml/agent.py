@@ -212,8 +212,11 @@ class Agent:
                 buffer.append("sample", {"model": name, "version": version, "inputs": dict(feeds), "outputs": outputs})
         self._predictions = next(self._prediction_counter)  # atomic under the GIL, no lock
         updates = self._updates
-        if updates is not None and updates.probation is not None:
-            updates.probation.observe(latency)
+        if updates is not None:
+            if updates.probation is not None:
+                updates.probation.observe(latency)
+            if updates.shadow is not None:
+                updates.shadow.offer(feeds, model, outputs, latency)
         return Prediction(outputs, name, version, latency)
 
     def _count_error(self) -> None:
@@ -248,6 +251,9 @@ class Agent:
                 "dropped": stats.dropped,
             },
         )
+        shadow = self._updates.shadow_report() if self._updates is not None else None
+        if shadow is not None:
+            self._buffer.append("shadow", shadow)
         if stats.dropped_total > self._last_dropped_reported:
             self.event(
                 "telemetry_dropped", level="warning",
@@ -257,7 +263,7 @@ class Agent:
             self._last_dropped_reported = stats.dropped_total
 
     def flush_metrics(self) -> None:
-        """Record a metrics sample now (also runs on the scheduler)."""
+        """Record a metrics sample (and shadow statistics) now; also runs on the scheduler."""
         self._metrics()
 
     # ------------------------------------------------------------------ sync

@@ -309,3 +309,38 @@ def test_failing_in_service_rolls_back_by_itself(
         assert agent.model.version == "1.0.0"
         wait_until(lambda: reported(collector).update.result == "rolled_back", what="reported rollback")
     assert any(r.get("name") == "update_rolled_back" for r in collector.records())
+
+
+def test_shadow_statistics_match_a_direct_computation(
+    broker: Broker, fleet: Fleet, models: dict[str, Path], tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+
+    fleet.register(models["onnx_float"], "1.0.0")
+    fleet.register(models["onnx_int8"], "2.0.0-int8")
+    agent = make_agent(tmp_path, broker, fleet, models["onnx_float"], EDGEML_UPDATES__SHADOW_SAMPLE_RATE=1.0,
+                       EDGEML_UPDATES__SHADOW_CPU_SHARE=1.0, EDGEML_TELEMETRY__METRICS_INTERVAL_S=3600)
+    inputs = np.random.default_rng(11).standard_normal((300, 1, 4)).astype(np.float32)
+    with agent:
+        r = fleet.http.put("/v1/devices/plant/dev-1/desired", json={"model": "mlp@1.0.0", "shadow": "mlp@2.0.0-int8"})
+        assert r.status_code == 200, r.text
+        wait_until(lambda: agent._updates.shadow is not None, 30, what="shadow model")
+        for x in inputs:
+            out = agent.predict({"input": x})
+            assert out.version == "1.0.0"  # callers never see the shadow's outputs
+        agent.flush_metrics()
+        wait_until(lambda: fleet.http.get("/v1/devices/plant/dev-1/telemetry", params={"kind": "shadow"}).json(),
+                   30, what="shadow record at the coordinator")
+    rows = fleet.http.get("/v1/devices/plant/dev-1/telemetry", params={"kind": "shadow"}).json()
+    assert len(rows) == 1
+    record = rows[0]["body"]
+    # the same inputs through both models, directly
+    a = ort.InferenceSession(str(models["onnx_float"]), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(models["onnx_int8"]), providers=["CPUExecutionProvider"])
+    pa = np.concatenate([a.run(None, {"input": x})[0] for x in inputs])
+    pb = np.concatenate([b.run(None, {"input": x})[0] for x in inputs])
+    assert record["compared"] == len(inputs) and record["errors"] == 0
+    assert record["shadow_version"] == "2.0.0-int8" and record["version"] == "1.0.0"
+    assert record["top1_agreement"] == pytest.approx(float((pa.argmax(1) == pb.argmax(1)).mean()), abs=1e-6)
+    assert record["mean_abs_diff"] == pytest.approx(float(np.abs(pa.astype(np.float64) - pb).mean()), rel=1e-6)
+    assert record["latency_us_shadow"]["mean"] > 0 and record["latency_us_primary"]["p95"] > 0

@@ -74,8 +74,30 @@ class EventRecord(_Record):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+class ShadowLatency(_Message):
+    mean: float | None
+    p95: float | None
+
+
+class ShadowRecord(_Record):
+    """Shadow-mode statistics since the previous shadow record."""
+
+    kind: Literal["shadow"] = "shadow"
+    model: str = Field(description="The active (serving) model.")
+    version: str
+    shadow_model: str
+    shadow_version: str
+    compared: int = Field(description="Predictions run by both models in this interval.")
+    top1_agreement: float | None = Field(description="Share of compared predictions whose top-1 class matched.")
+    mean_abs_diff: float | None = Field(description="Mean absolute difference of the first outputs.")
+    latency_us_primary: ShadowLatency
+    latency_us_shadow: ShadowLatency
+    errors: int = Field(description="Shadow runs that failed.")
+    skipped: int = Field(description="Sampled predictions not compared because the shadow was busy.")
+
+
 TelemetryRecord = Annotated[
-    PredictionRecord | SampleRecord | MetricsRecord | EventRecord,
+    PredictionRecord | SampleRecord | MetricsRecord | EventRecord | ShadowRecord,
     Field(discriminator="kind"),
 ]
 

@@ -28,6 +28,7 @@ from ..protocol import DesiredState
 from ._download import UpdateRejected, _hash, check_disk, download, fetch_small
 from ._health import check_contract, health_check
 from ._machine import Event, State, UpdateLog, next_state
+from ._shadow import ShadowRunner
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class UpdateManager:
         self.probation: Probation | None = None
         self.last_rejection: dict[str, Any] | None = None
         self._retry_doc: dict[str, Any] | None = None
+        self.shadow: ShadowRunner | None = None
 
     def _load_keys(self) -> Any:
         if self.config.fleet_pubkey is None:
@@ -102,6 +104,9 @@ class UpdateManager:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(30)
+        if self.shadow is not None:
+            self.shadow.close()
+            self.shadow = None
         if self.record.state is State.PROBATION:  # a clean stop is not a crash
             self.record = self.log.save(replace(self.record, extra={**self.record.extra, "clean_stop": True}))
         self.log.close()
@@ -172,6 +177,7 @@ class UpdateManager:
 
     # ------------------------------------------------------------------ worker thread
     def _work(self) -> None:
+        self._restore_shadow()
         if self.record.state is not State.IDLE:
             log.warning("resuming the update to revision %s in state %s", self.record.revision, self.record.state.value)
             self._run(Event.RESUME)
@@ -194,10 +200,12 @@ class UpdateManager:
 
     def _begin(self, doc: dict[str, Any]) -> None:
         desired = DesiredState.model_validate(doc)
+        self._set_shadow(desired.shadow.model_dump(exclude_none=True) if desired.shadow else None)
         target = desired.model.model_dump(exclude_none=True) if desired.model else None
         active = self._current()
         if target is None or (active is not None and target.get("sha256") == active.info.sha256):
             self.record = self.log.save(replace(self.record, applied_revision=desired.revision, revision=desired.revision,
+                                                document=doc,
                                                 result="success", reason="already_active" if target else "no_model_desired"))
             self._event("update_skipped", data={"revision": desired.revision, "reason": self.record.reason})
             self.publish_state()
@@ -279,22 +287,13 @@ class UpdateManager:
             raise UpdateRejected("truncated", "the downloaded file is gone")
         digest = _hash(part)
         if sha and digest != sha:
-            part.unlink(missing_ok=True)
-            raise UpdateRejected("hash_mismatch", f"artifact sha256 is {digest}, the desired state says {sha}")
-        if self._keys is not None:
-            from ..protocol.signing import verify_digest
-
-            url = target.get("url")
-            if not url:
-                raise UpdateRejected("missing_signature", "no url to fetch the artifact signature from")
-            signature = fetch_small(url + ".sig", timeout_s=self.settings.download_timeout_s)
-            try:
-                verify_digest(digest, signature, self._keys)
-            except SignatureError as exc:
+            if not existing:
                 part.unlink(missing_ok=True)
-                raise UpdateRejected(exc.reason, f"artifact signature: {exc}") from None
-        elif self.settings.require_signature:
-            raise UpdateRejected("no_trusted_key", "artifacts must be signed but no fleet_pubkey is configured")
+            raise UpdateRejected("hash_mismatch", f"artifact sha256 is {digest}, the desired state says {sha}")
+        if not existing:  # a file already in the store was verified when it came in
+            if self._keys is not None and not target.get("url"):
+                raise UpdateRejected("missing_signature", "no url to fetch the artifact signature from")
+            self._verify_signature(target.get("url", ""), digest, part)
         with part.open("rb") as fh:
             head = fh.read(8)
         final = self.store.root / f"{digest}{'.tflite' if head[4:8] == b'TFL3' else '.onnx'}"
@@ -352,7 +351,7 @@ class UpdateManager:
                                           applied_revision=self.record.revision, extra={})
                     self._event("update_succeeded", data={"revision": self.record.revision, "predictions": n,
                                                           "errors": errors})
-                    self.store.collect_garbage()
+                    self.store.collect_garbage(keep={self.shadow.model.info.sha256} if self.shadow else set())
                     return Event.PASSED
             return None
         finally:
@@ -379,6 +378,85 @@ class UpdateManager:
         self._candidate = None
         for part in self.store.root.glob("incoming-*.part"):
             part.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ shadow
+    def _set_shadow(self, ref: dict[str, Any] | None) -> None:
+        current = self.shadow
+        if ref is None:
+            if current is not None:
+                self.shadow = None
+                current.close()
+                self._event("shadow_stopped", data={"model": current.model.name, "version": current.model.version})
+            return
+        if current is not None and current.model.info.sha256 == ref.get("sha256"):
+            return
+        try:
+            model = self._fetch_shadow(ref)
+            if self.settings.contract == "same":
+                check_contract(model, self._current())
+            health_check(model, latency_budget_ms=self.settings.health_latency_budget_ms)
+        except (UpdateRejected, ModelLoadError) as exc:
+            reason = getattr(exc, "reason", "load_failed")
+            self._event("shadow_rejected", level="warning", message=str(exc), data={"reason": reason})
+            self.last_rejection = {"reason": reason, "message": str(exc), "revision": None, "ts": time.time(),
+                                   "shadow": True}
+            return
+        self.shadow = ShadowRunner(model, sample_rate=self.settings.shadow_sample_rate,
+                                   cpu_share=self.settings.shadow_cpu_share)
+        if current is not None:
+            current.close()
+        self._event("shadow_started", data={"model": model.name, "version": model.version,
+                                             "sha256": model.info.sha256})
+
+    def _fetch_shadow(self, ref: dict[str, Any]) -> LoadedModel:
+        """Download and verify a shadow model like a candidate (it never becomes active)."""
+        sha = ref.get("sha256")
+        stored = [p for p in self.store.root.glob(f"{sha}.*") if p.suffix in (".onnx", ".tflite")] if sha else []
+        if not stored:
+            if not ref.get("url"):
+                raise UpdateRejected("no_url", "the shadow model has no url")
+            part = self.store.root / f"shadow-{sha}.part"
+            check_disk(self.store.root, ref.get("size") or 0, self.settings.min_free_bytes)
+            digest = download(ref["url"], part, size=ref.get("size"), sha256=sha,
+                              max_bytes=self.settings.max_model_bytes, timeout_s=self.settings.download_timeout_s,
+                              retries=self.settings.download_retries, backoff_s=self.settings.retry_backoff_s)
+            self._verify_signature(ref["url"], digest, part)
+            with part.open("rb") as fh:
+                head = fh.read(8)
+            final = self.store.root / f"{digest}{'.tflite' if head[4:8] == b'TFL3' else '.onnx'}"
+            os.replace(part, final)
+            stored = [final]
+        return self.store.load(stored[0], name=ref.get("name"), version=ref.get("version"))
+
+    def _verify_signature(self, url: str, digest: str, path: Path) -> None:
+        if self._keys is None:
+            if self.settings.require_signature:
+                raise UpdateRejected("no_trusted_key", "artifacts must be signed but no fleet_pubkey is configured")
+            return
+        from ..protocol.signing import verify_digest
+
+        signature = fetch_small(url + ".sig", timeout_s=self.settings.download_timeout_s)
+        try:
+            verify_digest(digest, signature, self._keys)
+        except SignatureError as exc:
+            path.unlink(missing_ok=True)
+            raise UpdateRejected(exc.reason, f"artifact signature: {exc}") from None
+
+    def _restore_shadow(self) -> None:
+        doc = self.record.document or {}
+        if doc.get("shadow") and self.record.state is State.IDLE:
+            self._set_shadow(doc["shadow"])
+
+    def shadow_report(self) -> dict[str, Any] | None:
+        """Shadow statistics since the last report, with the active model named."""
+        shadow, active = self.shadow, self._current()
+        if shadow is None:
+            return None
+        shadow.drain()
+        stats = shadow.take_stats()
+        if stats is None:
+            return None
+        return {"model": active.name if active else None, "version": active.version if active else None, **stats}
 
     # ------------------------------------------------------------------ reporting
     def state_document(self) -> dict[str, Any]:
