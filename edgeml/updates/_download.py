@@ -9,8 +9,6 @@ import shutil
 import time
 from pathlib import Path
 
-import httpx
-
 from .._exceptions import EdgemlError
 
 log = logging.getLogger(__name__)
@@ -72,6 +70,8 @@ def download(
 
 
 def _fetch(url: str, dest: Path, *, size: int | None, max_bytes: int, timeout_s: float) -> None:
+    import httpx  # only a device that updates pays for it (~5 MB of RSS)
+
     have = dest.stat().st_size if dest.exists() else 0
     if size is not None and have > size:
         dest.unlink()
@@ -106,6 +106,8 @@ def _fetch(url: str, dest: Path, *, size: int | None, max_bytes: int, timeout_s:
 
 def fetch_small(url: str, *, timeout_s: float, limit: int = 64 * 1024) -> bytes:
     """A small document (an artifact's ``.sig``)."""
+    import httpx
+
     try:
         response = httpx.get(url, timeout=timeout_s, follow_redirects=True)
     except httpx.HTTPError as exc:
