@@ -191,6 +191,11 @@ def _status_text(doc: dict[str, Any]) -> str:
         f"broker      {sync.get('broker') or 'none'} ({'connected' if sync.get('connected') else 'not connected'})",
         f"last sync   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last)) if last else 'never'}",
     ]
+    update = doc.get("update")
+    if update:
+        result = update.get("result") or "in progress"
+        reason = f" ({update['reason']})" if update.get("reason") else ""
+        lines.append(f"update      revision {update.get('revision')}: {update.get('state')}, {result}{reason}")
     return "\n".join(lines)
 
 
