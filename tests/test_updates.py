@@ -255,7 +255,12 @@ def test_rejections_leave_the_active_model_untouched(
         fleet.publish_raw(forged)
         wait_until(lambda: _rejected(agent, "unknown_key"), 10, what="wrong-key rejection")
 
-        # 7. a bad signature (the document changed after signing)
+        # 7. no signature at all
+        unsigned = {k: v for k, v in {**doc, "revision": 125}.items() if k not in ("signature", "key_id")}
+        fleet.publish_raw(unsigned)
+        wait_until(lambda: _rejected(agent, "missing_signature"), 10, what="unsigned rejection")
+
+        # 8. a bad signature (the document changed after signing)
         tampered = {**fleet.signed({k: v for k, v in {**doc, "revision": 130}.items()
                                     if k not in ("signature", "key_id")}), "revision": 131}
         fleet.publish_raw(tampered)
@@ -263,7 +268,8 @@ def test_rejections_leave_the_active_model_untouched(
         untouched()
     events = [r for r in collector.records() if r.get("name") in ("update_rejected", "update_failed")]
     reasons = {e["data"]["reason"] for e in events}
-    assert {"hash_mismatch", "truncated", "contract", "replayed", "expired", "unknown_key", "bad_signature"} <= reasons
+    assert {"hash_mismatch", "truncated", "contract", "replayed", "expired", "unknown_key", "missing_signature",
+            "bad_signature"} <= reasons
     assert reported(collector).model_extra["last_rejection"]["reason"] == "bad_signature"
 
 
