@@ -219,6 +219,26 @@ class Agent:
                 updates.shadow.offer(feeds, model, outputs, latency)
         return Prediction(outputs, name, version, latency)
 
+    def feedback(self, label: Any, predicted: Any = None, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Record the true label of a prediction (``predicted``: what the application got).
+        With ``inputs``, the record is also a labeled sample for retraining."""
+        if not isinstance(label, int | float | str) or isinstance(label, bool):
+            raise InputError('"label" must be a number or a string')
+        if predicted is not None and (not isinstance(predicted, int | float | str) or isinstance(predicted, bool)):
+            raise InputError('"predicted" must be a number or a string')
+        model = self._model
+        fields: dict[str, Any] = {
+            "model": model.name if model else None, "version": model.version if model else None,
+            "label": label, "predicted": predicted, "correct": None if predicted is None else label == predicted,
+        }
+        if inputs is not None:
+            if model is None:
+                raise NoModelError()
+            fields["inputs"] = dict(model.runtime.prepare(inputs))  # checked like a prediction's
+        if self._buffer is not None:
+            self._buffer.append("feedback", fields)
+        return {k: v for k, v in fields.items() if k != "inputs"}
+
     def _count_error(self) -> None:
         with self._counter_lock:
             self._errors += 1

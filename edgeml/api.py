@@ -2,6 +2,8 @@
 
     POST /v1/predict   {"inputs": {"<name>": <nested list>}}
                        -> {"outputs": {...}, "model": ..., "version": ..., "latency_us": ...}
+    POST /v1/feedback  {"label": ..., "predicted": ... (optional), "inputs": {...} (optional)}
+                       -> 202: a feedback record (accuracy; with inputs, a labeled sample)
     GET  /v1/health    200 {"status": "ok", ...} or 503 {"status": "no_model", ...}
     GET  /v1/status    the agent's status document
 
@@ -67,7 +69,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "not_found", f"no route {self.path}")
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
-        if self.path != "/v1/predict":
+        if self.path not in ("/v1/predict", "/v1/feedback"):
             self._drain()
             self._error(404 if self.path not in ("/v1/health", "/v1/status") else 405, "not_found", f"no route POST {self.path}")
             return
@@ -86,6 +88,9 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             self._error(400, "bad_json", f"body is not valid JSON: {exc}")
             return
+        if self.path == "/v1/feedback":
+            self._feedback(body)
+            return
         if not isinstance(body, dict) or "inputs" not in body:
             self._error(400, "bad_request", 'body must be an object with "inputs": {"<input name>": <array>}')
             return
@@ -99,6 +104,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(500, "inference_failed", str(exc))
         else:
             self._send(200, prediction.to_json())
+
+    def _feedback(self, body: Any) -> None:
+        if not isinstance(body, dict) or "label" not in body:
+            self._error(400, "bad_request", 'body must be an object with "label" (and optionally "predicted", "inputs")')
+            return
+        try:
+            recorded = self.server.agent.feedback(body["label"], body.get("predicted"), body.get("inputs"))
+        except NoModelError as exc:
+            self._error(503, "no_model", str(exc))
+        except InputError as exc:
+            self._error(400, "bad_input", str(exc))
+        else:
+            self._send(202, recorded)
 
     def _drain(self) -> None:
         length = self.headers.get("Content-Length")

@@ -57,7 +57,7 @@ from ._json import dumps
 log = logging.getLogger(__name__)
 
 #: Priority classes, lowest first: the order in which the budget drops records.
-PRIORITIES = {"sample": 0, "prediction": 1, "metrics": 2, "shadow": 2, "event": 3}
+PRIORITIES = {"sample": 0, "prediction": 1, "metrics": 2, "shadow": 2, "feedback": 2, "event": 3}
 _CLASS_NAMES = {0: "sample", 1: "prediction", 2: "metrics", 3: "event"}
 ROW_OVERHEAD = 32
 #: (model, version, output name) of a queued prediction

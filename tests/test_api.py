@@ -62,3 +62,14 @@ def test_keep_alive_connection_serves_many(base: str) -> None:
     with httpx.Client(base_url=base) as client:
         for _ in range(50):
             assert client.post("/v1/predict", json={"inputs": {"input": [[1, 2, 3, 4]]}}).status_code == 200
+
+
+def test_feedback_records_labels(base: str) -> None:
+    r = httpx.post(f"{base}/v1/feedback", json={"label": 1, "predicted": 1})
+    assert r.status_code == 202 and r.json()["correct"] is True and r.json()["model"] == "mlp"
+    r = httpx.post(f"{base}/v1/feedback", json={"label": 2, "predicted": 0, "inputs": {"input": [[1, 2, 3, 4]]}})
+    assert r.status_code == 202 and r.json()["correct"] is False
+    bad = httpx.post(f"{base}/v1/feedback", json={"label": 2, "inputs": {"input": [[1, 2]]}})
+    assert bad.status_code == 400 and "expected shape" in bad.json()["error"]["message"]
+    assert httpx.post(f"{base}/v1/feedback", json={"predicted": 1}).status_code == 400
+    assert httpx.post(f"{base}/v1/feedback", json={"label": [1]}).status_code == 400

@@ -170,3 +170,14 @@ def test_bandwidth_cap_limits_the_publish_rate(broker: Broker, collector: Collec
     # the bucket starts full (one second's worth): the rest cannot go faster than the cap
     assert elapsed >= (sent - rate) / rate * 0.9
     assert len({r["seq"] for r in collector.records()}) >= 400
+
+
+def test_feedback_reaches_the_broker_as_documented(broker: Broker, collector: Collector, models: dict[str, Path], tmp_path: Path) -> None:
+    from edgeml.protocol import FeedbackRecord
+
+    with _agent(tmp_path, broker, models["onnx_float"]) as agent:
+        agent.feedback(2, predicted=1, inputs={"input": X})
+        wait_until(lambda: any(r["kind"] == "feedback" for r in collector.records()), what="feedback upstream")
+    record = FeedbackRecord.model_validate(next(r for r in collector.records() if r["kind"] == "feedback"))
+    assert (record.label, record.predicted, record.correct, record.model) == (2, 1, False, "mlp")
+    assert record.inputs is not None and np.allclose(record.inputs["input"], X)

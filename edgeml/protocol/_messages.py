@@ -66,6 +66,18 @@ class MetricsRecord(_Record):
     dropped: dict[str, int] = Field(default_factory=dict, description="Dropped records by priority class.")
 
 
+class FeedbackRecord(_Record):
+    """A label an application fed back for one of its predictions (accuracy, retraining)."""
+
+    kind: Literal["feedback"] = "feedback"
+    model: str = Field(description="The model serving when the feedback arrived.")
+    version: str
+    label: int | float | str = Field(description="The true label / value.")
+    predicted: int | float | str | None = Field(None, description="What the model answered, as the application saw it.")
+    correct: bool | None = Field(None, description="label == predicted, when both are given.")
+    inputs: dict[str, Any] | None = Field(None, description="The inputs, when the application sends them (a labeled sample).")
+
+
 class EventRecord(_Record):
     kind: Literal["event"] = "event"
     name: str = Field(description="Machine-readable event name, e.g. agent_started, model_loaded, model_load_failed, bad_message.")
@@ -97,7 +109,7 @@ class ShadowRecord(_Record):
 
 
 TelemetryRecord = Annotated[
-    PredictionRecord | SampleRecord | MetricsRecord | EventRecord | ShadowRecord,
+    PredictionRecord | SampleRecord | MetricsRecord | EventRecord | ShadowRecord | FeedbackRecord,
     Field(discriminator="kind"),
 ]
 
