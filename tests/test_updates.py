@@ -293,6 +293,8 @@ def test_unhealthy_candidate_is_never_activated(
         status = wait_until(lambda: finished(agent, doc["revision"]), 30, what="update")
         assert (status["update"]["result"], status["update"]["reason"]) == ("rejected", "unhealthy")
         assert agent.model is not None and agent.model.version == "1.0.0"
+        files = sorted(p.name for p in (tmp_path / "agent" / "models").iterdir() if p.suffix == ".onnx")
+        assert files == [f"{agent.model.info.sha256}.onnx"]  # the rejected candidate is not kept
 
 
 def test_failing_in_service_rolls_back_by_itself(

@@ -371,13 +371,18 @@ class UpdateManager:
             self._activate(self.store.load_info(restored))
         self._event("update_rolled_back", level="warning", message=self.record.reason or "",
                     data={"revision": self.record.revision, "restored": restored.to_json() if restored else None})
+        self.store.collect_garbage(keep={self.shadow.model.info.sha256} if self.shadow else set())
         self.record = replace(self.record, extra={})
         return Event.ROLLED_BACK
 
     def _cleanup(self) -> None:
+        """After a failed update: drop partial downloads and model files nothing refers
+        to any more (a rejected candidate), keeping active, previous and shadow."""
         self._candidate = None
         for part in self.store.root.glob("incoming-*.part"):
             part.unlink(missing_ok=True)
+        if self.record.state is not State.PROBATION:  # on probation the candidate is still active
+            self.store.collect_garbage(keep={self.shadow.model.info.sha256} if self.shadow else set())
 
     # ------------------------------------------------------------------ shadow
     def _set_shadow(self, ref: dict[str, Any] | None) -> None:
