@@ -212,11 +212,12 @@ class Agent:
                 buffer.append("sample", {"model": name, "version": version, "inputs": dict(feeds), "outputs": outputs})
         self._predictions = next(self._prediction_counter)  # atomic under the GIL, no lock
         updates = self._updates
-        if updates is not None:
-            if updates.probation is not None:
-                updates.probation.observe(latency)
-            if updates.shadow is not None:
-                updates.shadow.offer(feeds, model, outputs, latency)
+        if updates is not None:  # read each attribute once: the update thread may clear it
+            probation, shadow = updates.probation, updates.shadow
+            if probation is not None:
+                probation.observe(latency)
+            if shadow is not None:
+                shadow.offer(feeds, model, outputs, latency)
         return Prediction(outputs, name, version, latency)
 
     def feedback(self, label: Any, predicted: Any = None, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -322,11 +323,14 @@ class Agent:
         """Runs on paho's network thread: check and hand over, never block."""
         from .updates import UpdateRejected
 
+        updates = self._updates
+        if updates is None:  # stopping
+            return
         try:
             _, _, leaf = parse_topic(topic)
             if leaf != DESIRED:
                 raise UpdateRejected("malformed", f"unexpected topic {topic}")
-            self._updates.offer(payload)
+            updates.offer(payload)
         except (ValueError, UpdateRejected) as exc:
             reason = getattr(exc, "reason", "malformed")
             message = str(exc).splitlines()[0][:300]
@@ -336,7 +340,7 @@ class Agent:
                 log.warning("rejected message on %s: %s", topic, message)
                 self.event("bad_message", level="warning", message=message, data={"topic": topic, "bytes": len(payload)})
             else:
-                self._updates.note_rejection(exc)
+                updates.note_rejection(exc)
 
     # ------------------------------------------------------------------ jobs
     def _start_jobs(self) -> None:

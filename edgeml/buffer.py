@@ -343,7 +343,12 @@ class TelemetryBuffer:
             self._in_flush = n  # popped but not committed: still "pending" for stats()
             items = [self._queue.popleft() for _ in range(n)]
             seq0 = self._next_seq
-            rows = self._segments(items, seq0)
+            try:
+                rows = self._segments(items, seq0)
+            except Exception as exc:  # one record that cannot be encoded must not sink the rest
+                log.error("telemetry records failed to encode (%s); replacing the bad ones", exc)
+                items = [self._encodable(item) for item in items]
+                rows = self._segments(items, seq0)
             added = sum(row[4] for row in rows)
             with self._lock:
                 try:
@@ -368,6 +373,16 @@ class TelemetryBuffer:
             callback()
         return n
 
+    def _encodable(self, item: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``item`` if it encodes alone, else an event that says what was lost (same seq)."""
+        try:
+            self._segments([item], 1)
+            return item
+        except Exception as exc:
+            kind = "prediction" if item[0] == 1 else str(item[2])
+            return (0, item[1], "event", {"name": "bad_record", "level": "error", "data": {"kind": kind},
+                                          "message": f"a {kind} record could not be encoded: {exc}"[:300]})
+
     def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):  # no transaction was open
             self._conn.execute("ROLLBACK")
@@ -379,6 +394,9 @@ class TelemetryBuffer:
             for _ in range(excess):
                 self._queue.popleft()
             self._dropped["memory"] = self._dropped.get("memory", 0) + excess
+            with contextlib.suppress(sqlite3.Error):  # best effort: the disk is refusing writes
+                self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('dropped.memory', ?)",
+                                   (str(self._dropped["memory"]),))
             log.error("telemetry buffer: disk not writable, dropped %d oldest in-memory records", excess)
 
     def _enforce_budget(self) -> None:
@@ -404,14 +422,21 @@ class TelemetryBuffer:
             if last is not None:
                 name = _CLASS_NAMES[priority]
                 total = self._dropped.get(name, 0) + count
-                self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.execute("DELETE FROM segments WHERE priority = ? AND first_seq <= ?", (priority, last))
-                self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"dropped.{name}", str(total)))
-                self._conn.execute("COMMIT")
+                try:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    self._conn.execute("DELETE FROM segments WHERE priority = ? AND first_seq <= ?", (priority, last))
+                    self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"dropped.{name}", str(total)))
+                    self._conn.execute("COMMIT")
+                except sqlite3.Error as exc:  # retried on the next flush; the buffer stays consistent
+                    self._rollback()
+                    freed = 0  # nothing was dropped in this class
+                    log.warning("telemetry buffer: cannot drop over-budget records now: %s", exc)
+                    break
                 self._dropped[name] = total
                 self._records -= count
                 drops[name] = count
-        self._bytes -= freed
+                self._bytes -= freed
+                freed = 0
         if drops:
             log.warning("telemetry buffer over budget (%d bytes): dropped %s", self.max_bytes, drops)
 
@@ -514,6 +539,9 @@ class TelemetryBuffer:
             except StorageError as exc:
                 log.error("%s (will retry)", exc)
                 self._stop.wait(min(1.0, self.flush_interval * 10))
+            except Exception:  # the flusher must outlive any bug: the records stay queued
+                log.exception("telemetry flush failed (will retry)")
+                self._stop.wait(1.0)
 
     def close(self) -> None:
         """Stop the flusher, commit what is queued and close the database."""

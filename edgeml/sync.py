@@ -94,6 +94,7 @@ class MqttSync:
         self._wake = threading.Event()
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._inflight: dict[int, _InFlight] = {}
+        self._ack_retry: list[_InFlight] = []
         self._inflight_lock = threading.Lock()
         self._cursor = 0
         self._thread: threading.Thread | None = None
@@ -212,7 +213,7 @@ class MqttSync:
     # ------------------------------------------------------------------ publisher thread
     def _drain_acks(self) -> None:
         """Delete every acknowledged batch waiting in the queue, in one transaction."""
-        done: list[_InFlight] = []
+        done, self._ack_retry = self._ack_retry, []
         while True:
             try:
                 mid = self._acks.get_nowait()
@@ -227,7 +228,8 @@ class MqttSync:
         try:
             self.buffer.ack_many([(item.first, item.last) for item in done])
         except StorageError as exc:
-            log.error("%s (the records will be sent again)", exc)
+            log.error("%s (retrying the deletion)", exc)
+            self._ack_retry = done  # acknowledged: delete them later, never send them again
             return
         self.acked_records += sum(item.count for item in done)
 

@@ -138,3 +138,27 @@ def test_segments_respect_byte_limit_and_records_decode_exactly(tmp_path: Path) 
     assert preds[-1].summary is not None and preds[-1].summary.mean is None  # NaN travels as null
     assert preds[-1].summary.top1 == 1 or preds[-1].summary.top1 == 0
     assert EventRecord.model_validate(records[-1]).seq == 42
+
+
+def test_a_record_that_cannot_be_encoded_does_not_sink_the_flush(tmp_path: Path) -> None:
+    buf = TelemetryBuffer(tmp_path / "t.db", flush_interval_ms=10)
+    buf.start()
+    try:
+        buf.append("event", {"name": "before", "level": "info", "message": "", "data": {}})
+        buf.append("sample", {"model": "m", "version": "1", "inputs": {"x": np.array([1 + 2j])}, "outputs": {}})
+        buf.append("event", {"name": "after", "level": "info", "message": "", "data": {}})
+        wait = time.monotonic() + 5
+        while buf.stats().records < 3 and time.monotonic() < wait:
+            time.sleep(0.01)
+        records = _all(buf)
+        # the bad sample became an event in its place: same seq, nothing else lost
+        assert [(r["seq"], r["name"]) for r in records] == [(1, "before"), (2, "bad_record"), (3, "after")]
+        assert records[1]["data"]["kind"] == "sample"
+        assert buf._thread is not None and buf._thread.is_alive()  # the flusher lives on
+        buf.append("event", {"name": "later", "level": "info", "message": "", "data": {}})
+        wait = time.monotonic() + 5
+        while buf.stats().records < 4 and time.monotonic() < wait:
+            time.sleep(0.01)
+        assert buf.stats().records == 4
+    finally:
+        buf.close()

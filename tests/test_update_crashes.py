@@ -139,3 +139,24 @@ def test_100_random_kills_always_end_on_a_verified_model(
     assert on_disk(data)["version"] == wanted
     assert len(states) >= 3, f"kills landed in too few states: {states}"  # the kills really hit updates
     print(f"kills by state: {states}")
+
+
+def test_candidate_lost_during_switch_rolls_back(
+    broker: Broker, fleet: Fleet, models: dict[str, Path], tmp_path: Path, agent_process,
+) -> None:
+    fleet.register(models["onnx_float"], "1.0.0")
+    v2 = fleet.register(models["onnx_v2"], "2.0.0")
+    env = agent_settings(tmp_path, broker, fleet, models["onnx_float"])
+    agent = agent_process(**env, **{CRASH_AT_ENV: "switching"}).start()
+    fleet.deploy("mlp@2.0.0")
+    wait_until(lambda: agent.proc.poll() is not None, 30, what="the agent to die in switching")  # type: ignore[union-attr]
+    agent.proc = None
+    data = Path(env["EDGEML_DATA_DIR"])
+    (data / "models" / f"{v2['sha256']}.onnx").unlink()  # the verified candidate is gone (disk fault)
+    agent.env.pop(CRASH_AT_ENV)
+    agent.start()
+    status = wait_until(lambda: (s := agent.status())["update"]["state"] == "idle" and s["update"]["result"] and s,
+                        30, what="recovery")
+    assert status["update"]["result"] == "rolled_back" and status["model"]["version"] == "1.0.0"
+    assert on_disk(data)["version"] == "1.0.0"
+    agent.stop()

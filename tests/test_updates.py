@@ -352,3 +352,31 @@ def test_shadow_statistics_match_a_direct_computation(
     assert record["top1_agreement"] == pytest.approx(float((pa.argmax(1) == pb.argmax(1)).mean()), abs=1e-6)
     assert record["mean_abs_diff"] == pytest.approx(float(np.abs(pa.astype(np.float64) - pb).mean()), rel=1e-6)
     assert record["latency_us_shadow"]["mean"] > 0 and record["latency_us_primary"]["p95"] > 0
+
+
+def test_a_transient_failure_is_retried_but_never_over_a_newer_revision(
+    broker: Broker, fleet: Fleet, models: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet.register(models["onnx_float"], "1.0.0")
+    v2 = fleet.register(models["onnx_v2"], "2.0.0")
+    agent = make_agent(tmp_path, broker, fleet, models["onnx_float"], EDGEML_UPDATES__DOWNLOAD_RETRIES=1,
+                       EDGEML_UPDATES__DOWNLOAD_TIMEOUT_S=2)
+    with agent:
+        # revision 50 points at a server that is down: a transient failure
+        dead = {"v": 1, "fleet": "plant", "device": "dev-1", "revision": 50, "issued_at": int(time.time()),
+                "model": {"name": "mlp", "version": "9.9.9", "url": f"http://127.0.0.1:{free_port()}/x",
+                          "sha256": "0" * 64, "size": 10}, "shadow": None}
+        fleet.publish_raw(fleet.signed(dead))
+        status = wait_until(lambda: finished(agent, 50), 30, what="transient failure")
+        assert (status["update"]["result"], status["update"]["reason"]) == ("failed", "download_failed")
+        assert status["applied_revision"] is None  # not acted on: it will be retried
+        # a newer revision arrives and succeeds
+        newer = fleet.signed({**dead, "revision": 60, "model": {"name": "mlp", "version": "2.0.0",
+                              "url": f"{fleet.coordinator.url}/v1/artifacts/{v2['sha256']}",
+                              "sha256": v2["sha256"], "size": v2["size"]}})
+        fleet.publish_raw(newer)
+        wait_until(lambda: finished(agent, 60), 30, what="newer update")
+        assert agent.model is not None and agent.model.version == "2.0.0"
+        agent._housekeeping()  # the scheduled retry must not bring revision 50 back
+        time.sleep(0.5)
+        assert agent.status()["applied_revision"] == 60 and agent.model.version == "2.0.0"

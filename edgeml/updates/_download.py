@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -48,6 +49,7 @@ def download(
     exponential backoff; the partial file is kept between attempts and restarts."""
     if size is not None and size > max_bytes:
         raise UpdateRejected("too_large", f"artifact of {size} bytes exceeds the limit of {max_bytes}")
+    resumed = dest.exists() and dest.stat().st_size > 0
     attempt = 0
     while True:
         try:
@@ -61,6 +63,12 @@ def download(
             log.warning("download of %s failed (%s); retry %d/%d in %.1fs", url, exc, attempt, retries, delay)
             time.sleep(delay)
     digest = _hash(dest)
+    if sha256 is not None and digest != sha256 and resumed:
+        # the partial file kept from before may have a torn tail: start once from zero
+        log.warning("resumed download of %s does not verify; downloading it again", url)
+        dest.unlink(missing_ok=True)
+        return download(url, dest, size=size, sha256=sha256, max_bytes=max_bytes, timeout_s=timeout_s,
+                        retries=retries, backoff_s=backoff_s)
     if size is not None and dest.stat().st_size != size:
         raise UpdateRejected("truncated", f"downloaded {dest.stat().st_size} bytes, expected {size}")
     if sha256 is not None and digest != sha256:
@@ -102,6 +110,11 @@ def _fetch(url: str, dest: Path, *, size: int | None, max_bytes: int, timeout_s:
                 os.fsync(fh.fileno())
     except httpx.HTTPError as exc:
         raise UpdateRejected("download_failed", f"{type(exc).__name__}: {exc}", transient=True) from exc
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            dest.unlink(missing_ok=True)
+            raise UpdateRejected("no_disk", f"disk full while downloading {url}") from exc
+        raise UpdateRejected("io_error", f"cannot write {dest}: {exc}", transient=True) from exc
 
 
 def fetch_small(url: str, *, timeout_s: float, limit: int = 64 * 1024) -> bytes:
@@ -109,14 +122,19 @@ def fetch_small(url: str, *, timeout_s: float, limit: int = 64 * 1024) -> bytes:
     import httpx
 
     try:
-        response = httpx.get(url, timeout=timeout_s, follow_redirects=True)
+        with httpx.stream("GET", url, timeout=timeout_s, follow_redirects=True) as response:
+            if response.status_code == 404:
+                raise UpdateRejected("missing_signature", f"no signature at {url}")
+            if response.status_code != 200:
+                raise UpdateRejected("download_failed", f"HTTP {response.status_code} from {url}", transient=True)
+            body = b""
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    raise UpdateRejected("too_large", f"{url} is larger than {limit} bytes")
+            return body
     except httpx.HTTPError as exc:
         raise UpdateRejected("download_failed", f"{type(exc).__name__}: {exc}", transient=True) from exc
-    if response.status_code == 404:
-        raise UpdateRejected("missing_signature", f"no signature at {url}")
-    if response.status_code != 200 or len(response.content) > limit:
-        raise UpdateRejected("download_failed", f"HTTP {response.status_code} from {url}")
-    return response.content
 
 
 def _hash(path: Path) -> str:

@@ -63,6 +63,8 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.INSTALLING, E.HEALTHY): S.SWITCHING,
     (S.INSTALLING, E.FAILED): S.IDLE,
     (S.SWITCHING, E.SWITCHED): S.PROBATION,
+    (S.SWITCHING, E.FAILED): S.ROLLING_BACK,  # the pointer may already name the candidate
+    (S.ROLLING_BACK, E.FAILED): S.IDLE,  # nothing to return to: stay on the active model
     (S.PROBATION, E.PASSED): S.IDLE,
     (S.PROBATION, E.FAILED): S.ROLLING_BACK,
     (S.ROLLING_BACK, E.ROLLED_BACK): S.IDLE,

@@ -153,8 +153,10 @@ class UpdateManager:
                 raise UpdateRejected("wrong_device", f"desired state is for {field_name} {theirs!r}, this is {mine!r}")
         record = self.record
         seen = max(record.applied_revision or 0, record.revision if record.state is not State.IDLE else 0)
-        if desired.revision == seen or (self._pending and self._pending["revision"] == desired.revision):
-            return None  # the retained copy again: nothing new
+        with self._cond:
+            pending = self._pending["revision"] if self._pending else 0
+        if desired.revision == seen or desired.revision <= pending:
+            return None  # the retained copy again, or older than what is already queued
         if desired.revision < seen:
             raise UpdateRejected(
                 "replayed", f"desired revision {desired.revision} is older than revision {seen} already acted on"
@@ -191,15 +193,27 @@ class UpdateManager:
                 self._begin(doc)
 
     def retry(self) -> None:
-        """Offer again a document whose update failed for a transient reason."""
+        """Offer again a document whose update failed for a transient reason, if it is
+        still the newest one and has not expired."""
         doc, self._retry_doc = self._retry_doc, None
-        if doc is not None and self.record.state is State.IDLE:
-            with self._cond:
-                self._pending = self._pending or doc
-                self._cond.notify_all()
+        if doc is None or self.record.state is not State.IDLE:
+            return
+        if doc["revision"] <= (self.record.applied_revision or 0):
+            return
+        if doc.get("expires_at") is not None and doc["expires_at"] < time.time():
+            return
+        with self._cond:
+            if self._pending is None or self._pending["revision"] < doc["revision"]:
+                self._pending = doc
+            self._cond.notify_all()
 
     def _begin(self, doc: dict[str, Any]) -> None:
         desired = DesiredState.model_validate(doc)
+        self._retry_doc = None  # a newer document supersedes any retry
+        if desired.revision <= (self.record.applied_revision or 0):
+            log.warning("ignoring desired revision %s: revision %s was applied", desired.revision,
+                        self.record.applied_revision)
+            return
         self._set_shadow(desired.shadow.model_dump(exclude_none=True) if desired.shadow else None)
         target = desired.model.model_dump(exclude_none=True) if desired.model else None
         active = self._current()
@@ -237,21 +251,40 @@ class UpdateManager:
 
     def _act(self, state: State) -> Event | None:
         try:
+            if state is not State.PROBATION:  # probation counts its crashes itself
+                self._count_attempt(state)
             return getattr(self, f"_do_{state.value}")()
         except UpdateRejected as exc:
             return self._fail(exc.reason, str(exc), transient=exc.transient)
         except ModelLoadError as exc:
             return self._fail("load_failed", str(exc))
+        except Exception as exc:  # disk, database, engine: fail the update, keep the worker alive
+            log.exception("update step %s failed", state.value)
+            return self._fail("internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _count_attempt(self, state: State) -> None:
+        """Each action is persisted as an attempt first: an action that keeps killing the
+        agent (a segfaulting or OOM-killed candidate) fails the update instead of looping."""
+        attempts = dict(self.record.extra.get("attempts", {}))
+        attempts[state.value] = attempts.get(state.value, 0) + 1
+        self.record = self.log.save(replace(self.record, extra={**self.record.extra, "attempts": attempts}))
+        if attempts[state.value] > self.settings.crash_loop_limit + 1:
+            raise UpdateRejected("crash_loop", f"the agent died {attempts[state.value] - 1} times in {state.value}")
 
     def _fail(self, reason: str, message: str, *, transient: bool = False) -> Event:
         log.warning("update to revision %s failed (%s): %s", self.record.revision, reason, message)
         self._event("update_failed", level="warning", message=message, data={"reason": reason, "revision": self.record.revision})
-        rolled = self.record.state is State.PROBATION
+        rolled = self.record.state in (State.PROBATION, State.SWITCHING)
         applied = self.record.applied_revision if transient else self.record.revision
         if transient:
             self._retry_doc = self.record.document
-        self.record = replace(self.record, result="rolled_back" if rolled else ("failed" if transient else "rejected"),
-                              reason=reason, applied_revision=applied)
+        if self.record.state is State.ROLLING_BACK:
+            result = "failed"
+        elif rolled:
+            result = "rolled_back"
+        else:
+            result = "failed" if transient else "rejected"
+        self.record = replace(self.record, result=result, reason=reason, applied_revision=applied)
         self._cleanup()
         return Event.FAILED
 
@@ -368,7 +401,11 @@ class UpdateManager:
         restored = self.store.active_info()
         current = self._current()
         if restored is not None and (current is None or current.info.sha256 != restored.sha256):
-            self._activate(self.store.load_info(restored))
+            try:
+                self._activate(self.store.load_info(restored))
+            except ModelLoadError as exc:  # the previous model is unusable: keep serving what runs
+                self._event("rollback_failed", level="error", message=str(exc))
+                raise UpdateRejected("rollback_failed", str(exc)) from exc
         self._event("update_rolled_back", level="warning", message=self.record.reason or "",
                     data={"revision": self.record.revision, "restored": restored.to_json() if restored else None})
         self.store.collect_garbage(keep={self.shadow.model.info.sha256} if self.shadow else set())
@@ -379,9 +416,10 @@ class UpdateManager:
         """After a failed update: drop partial downloads and model files nothing refers
         to any more (a rejected candidate), keeping active, previous and shadow."""
         self._candidate = None
-        for part in self.store.root.glob("incoming-*.part"):
-            part.unlink(missing_ok=True)
-        if self.record.state is not State.PROBATION:  # on probation the candidate is still active
+        for pattern in ("incoming-*.part", "shadow-*.part"):
+            for part in self.store.root.glob(pattern):
+                part.unlink(missing_ok=True)
+        if self.record.state not in (State.PROBATION, State.SWITCHING, State.ROLLING_BACK):  # candidate may be active
             self.store.collect_garbage(keep={self.shadow.model.info.sha256} if self.shadow else set())
 
     # ------------------------------------------------------------------ shadow
@@ -416,7 +454,9 @@ class UpdateManager:
     def _fetch_shadow(self, ref: dict[str, Any]) -> LoadedModel:
         """Download and verify a shadow model like a candidate (it never becomes active)."""
         sha = ref.get("sha256")
-        stored = [p for p in self.store.root.glob(f"{sha}.*") if p.suffix in (".onnx", ".tflite")] if sha else []
+        if not sha:
+            raise UpdateRejected("malformed", "a shadow model must name its sha256")
+        stored = [p for p in self.store.root.glob(f"{sha}.*") if p.suffix in (".onnx", ".tflite")]
         if not stored:
             if not ref.get("url"):
                 raise UpdateRejected("no_url", "the shadow model has no url")
