@@ -47,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     else:
         register_subcommands(sub)
 
+    sim = sub.add_parser("sim", help="simulate a fleet: many lightweight agents in one process")
+    sim.add_argument("--devices", type=int, default=100, help="simulated devices (default 100)")
+    sim.add_argument("--broker", metavar="URL", help="broker to use (default: start Mosquitto on a free port)")
+    sim.add_argument("--model", metavar="FILE", help="model every device starts with (default: a small MLP)")
+    sim.add_argument("--rate", type=float, default=1.0, help="predictions per second per device (default 1)")
+    sim.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
+    sim.add_argument("--fleet", default="sim", help="fleet id (default sim)")
+
     demo = sub.add_parser("demo", help="run a local agent with a model and a broker, end to end")
     demo.add_argument("--predictions", type=int, default=2000, help="predictions to make (default 2000)")
     demo.add_argument("--broker", metavar="URL", help="use this broker instead of starting one")
@@ -78,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             return _agent_status(args)
         if args.command == "keys" and args.action == "generate":
             return _keys_generate(args)
+        if args.command == "sim":
+            from .sim import run_sim
+
+            return run_sim(args.devices, args.broker, args.model, args.rate, args.duration, args.fleet)
         if args.command == "demo":
             from ._demo import run_demo
 
