@@ -110,7 +110,7 @@ class TelemetrySettings(_Settings):
 
 class RuntimeSettings(_Settings):
     engine: Literal["auto", "onnx", "litert"] = "auto"
-    threads: int = Field(1, ge=1, le=64)
+    threads: int | None = Field(None, ge=1, le=64)  # None: the hardware profile's, else 1
     warmup_runs: int = Field(3, ge=0, le=1000)
 
 

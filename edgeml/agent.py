@@ -67,11 +67,16 @@ class Agent:
         self._announcer: Any = None
         self._updates: Any = None
         self._running = False
+        self.profile: Any = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Agent:
         cfg = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.hardware_profile:
+            from ._hardware import load_profile
+
+            self.profile = load_profile(cfg.hardware_profile, self.data_dir)
         self._buffer = TelemetryBuffer(
             self.data_dir / "telemetry.db",
             max_bytes=cfg.telemetry.buffer_max_bytes,
@@ -81,8 +86,9 @@ class Agent:
             segment_max_bytes=cfg.mqtt.batch_max_bytes,
         )
         self._buffer.start()
+        threads = cfg.runtime.threads or (self.profile.runtime.threads if self.profile else 1)
         self._store = ModelStore(
-            self.data_dir / "models", engine=cfg.runtime.engine, threads=cfg.runtime.threads,
+            self.data_dir / "models", engine=cfg.runtime.engine, threads=threads,
             warmup_runs=cfg.runtime.warmup_runs,
         )
         self.event("agent_started", message=f"edgeml agent {__version__}", data={"pid": os.getpid()})
@@ -312,7 +318,7 @@ class Agent:
         assert self._store is not None
         self._updates = UpdateManager(
             self.config, self._store, current=lambda: self._model, activate=self._activate,
-            event=self.event, report=self._report_state,
+            event=self.event, report=self._report_state, profile=self.profile,
         )
 
     def _report_state(self, payload: bytes) -> None:
@@ -404,6 +410,7 @@ class Agent:
             "buffer": buffer,
             "sync": sync,
             "api": f"http://{self._api.host}:{self._api.port}" if self._api else None,
+            "hardware_profile": self.profile.model_dump() if self.profile else None,
         }
 
 

@@ -65,9 +65,19 @@ class UpdateManager:
         activate: Callable[[LoadedModel], None],
         event: Callable[..., None],
         report: Callable[[bytes], None],
+        profile: Any = None,
     ) -> None:
         self.config = config
-        self.settings = config.updates
+        budgets = profile.budgets if profile is not None else None
+        # the settings win; the hardware profile fills what they leave empty
+        self.settings = config.updates.model_copy(update={
+            "health_latency_budget_ms": config.updates.health_latency_budget_ms
+            or (budgets.latency_ms if budgets else None),
+            "probation_latency_budget_ms": config.updates.probation_latency_budget_ms
+            or (budgets.probation_p95_ms if budgets else None),
+            "max_model_bytes": min(config.updates.max_model_bytes,
+                                   budgets.memory_mb * 2**20 if budgets and budgets.memory_mb else 1 << 62),
+        })
         self.store = store
         self._current = current
         self._activate = activate
