@@ -19,10 +19,13 @@ dependencies (sqlite3, psycopg, paho-mqtt) are translated at the module boundary
     ├── SigningKeyMissing  no signing key: desired states must be signed; HTTP 503
     ├── KeyFileError       a signing key cannot be written
     │   └── KeyFileExists  refusing to overwrite a key (pass force=True)
-    └── ArtifactError      the artifact store cannot read or write (disk full); transient
+    ├── ArtifactError      the artifact store cannot read or write (disk full); transient
         ├── InvalidDigest        not a sha256 (64 lowercase hex characters); HTTP 400
         ├── ArtifactNotFound     no artifact (or signature) with that sha256; HTTP 404
         └── RangeNotSatisfiable  a Range header outside the file; HTTP 416
+    └── RolloutError       a rollout request cannot be carried out (cloud.rollouts)
+        ├── PolicyError          a rollout policy is invalid (names the bad key); HTTP 400
+        └── InvalidTransition    the action is not allowed in the rollout's state; HTTP 409
 
 ``transient`` tells the recovery an error needs: retry later (True) or report (False).
 """
@@ -140,3 +143,23 @@ class RangeNotSatisfiable(ArtifactError):
         self.header = header
         self.size = size
         super().__init__(f"range {header!r} is outside the file ({size} bytes)")
+
+
+# >>> ROLLOUTS: errors of cloud.rollouts
+class RolloutError(CloudError):
+    """A rollout request cannot be carried out."""
+
+
+class PolicyError(RolloutError):
+    """A rollout policy (YAML or JSON) is invalid; the message names the bad key."""
+
+
+class InvalidTransition(RolloutError):
+    """The action is not allowed in the rollout's current state (e.g. resume a completed rollout)."""
+
+    def __init__(self, rollout_id: str, state: str, action: str) -> None:
+        self.rollout_id = rollout_id
+        self.state = state
+        self.action = action
+        super().__init__(f"rollout {rollout_id} is {state}: cannot {action} it")
+# <<< ROLLOUTS

@@ -5,6 +5,8 @@
     edgeml fleet deploy DEVICE N@V [--shadow N@V] [--fleet F] | fleet desired DEVICE [--fleet F]
     edgeml models register FILE --name N --version V [--metrics JSON] [--parent N@V]
     edgeml models list | models show N@V | models alias N ALIAS VERSION
+    edgeml rollout start N@V --strategy S --target SELECTOR [--steps 5,25,100] [--policy FILE]
+    edgeml rollout status ID | list | pause|resume|abort|promote|approve|rollback ID [--reason WHY]
 
 Every console command takes ``--json`` and reaches the coordinator at
 ``EDGEML_CLOUD_URL`` (default ``http://127.0.0.1:8480``). ``edgeml.cli`` calls
@@ -27,7 +29,7 @@ from typing import Any
 __all__ = ["COMMANDS", "dispatch", "register_subcommands"]
 
 #: Top-level commands this module adds.
-COMMANDS = ("cloud", "fleet", "models")
+COMMANDS = ("cloud", "fleet", "models", "rollout")
 
 
 def register_subcommands(subparsers: Any) -> None:
@@ -87,7 +89,9 @@ def register_subcommands(subparsers: Any) -> None:
     p.add_argument("alias_version", metavar="VERSION")
     _json_flag(p)
 
-    for parser in (cloud, fleet, models):
+    rollout = _register_rollout(subparsers)  # ROLLOUTS
+
+    for parser in (cloud, fleet, models, rollout):
         parser.set_defaults(cloud_dispatch=True)
 
 
@@ -390,6 +394,114 @@ def _models_alias(args: argparse.Namespace) -> int:
     return _emit(args, doc, text)
 
 
+# --------------------------------------------------------------------------- rollouts (ROLLOUTS)
+
+ROLLOUT_ACTIONS = ("pause", "resume", "abort", "promote", "approve", "rollback")
+
+
+def _register_rollout(subparsers: Any) -> Any:
+    rollout = subparsers.add_parser("rollout", help="metric-gated rollouts: canary, phased, bluegreen, ab, shadow")
+    sub = rollout.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = sub.add_parser("start", help="start a rollout of a model version")
+    p.add_argument("model", metavar="N@V", help="name@version or name@alias")
+    p.add_argument("--strategy", default="canary", choices=["canary", "phased", "bluegreen", "ab", "shadow"])
+    p.add_argument("--target", default="all", metavar="SELECTOR", help="k=v,hw=PROFILE,devices=a;b or all")
+    p.add_argument("--steps", metavar="5,25,100", help="percent of the targets per step")
+    p.add_argument("--policy", metavar="FILE", help="a YAML policy (configs/rollouts/*.yaml)")
+    p.add_argument("--fleet", default="default", help="fleet of the devices (default: default)")
+    p.add_argument("--salt", help="fixes the cohorts, e.g. to repeat one (default: random per rollout)")
+    _actor_flags(p)
+    p = sub.add_parser("status", help="one rollout: cohorts, verdicts with evidence, audit log")
+    p.add_argument("rollout_id", metavar="ID")
+    _json_flag(p)
+    p = sub.add_parser("list", help="every rollout")
+    _json_flag(p)
+    for action in ROLLOUT_ACTIONS:
+        p = sub.add_parser(action, help=f"{action} a rollout")
+        p.add_argument("rollout_id", metavar="ID")
+        _actor_flags(p)
+    return rollout
+
+
+def _actor_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--actor", help="who does it (default: $USER)")
+    p.add_argument("--reason", default="", help="why (kept in the audit log)")
+    _json_flag(p)
+
+
+def _actor(args: argparse.Namespace) -> str:
+    import getpass
+    import os
+
+    actor = args.actor or os.environ.get("USER") or getpass.getuser()
+    if not actor:
+        raise _UsageError("no actor: pass --actor NAME or set $USER")
+    return actor
+
+
+def _rollout_text(r: dict[str, Any]) -> str:
+    lines = [f"rollout {r['id']}: {r['strategy']} of {r['model']} (from {r['baseline'] or '-'}) to {r['selector']}",
+             f"  state {r['state']}, step {r['step'] + 1}/{len(r['steps'])} "
+             f"({', '.join(f'{s:g}' for s in r['steps'])} %), started by {r['created_by']}"]
+    if r.get("reason"):
+        lines.append(f"  {r['reason']}")
+    for name, c in (r.get("cohorts") or {}).items():
+        lines.append(f"  {name}: {c['devices']} device(s), {c['applied']} applied, {c['reverted']} reverted")
+    for v in (r.get("verdicts") or [])[-10:]:
+        ev = v["evidence"]
+        detail = ", ".join(f"{k}={ev[k]:.4g}" for k in ("p_value", "psi", "p95_growth", "agreement", "difference")
+                           if isinstance(ev.get(k), int | float))
+        lines.append(f"  step {v['step'] + 1} {v['gate']}: {v['verdict']} {detail}")
+    for a in (r.get("audit") or [])[-10:]:
+        lines.append(f"  {_when(a['ts'])} {a['actor']} {a['action']}: {a['reason']}")
+    return "\n".join(lines)
+
+
+def _rollout_start(args: argparse.Namespace) -> int:
+    steps = None
+    if args.steps:
+        try:
+            steps = [float(s) for s in args.steps.split(",") if s.strip()]
+        except ValueError:
+            raise _UsageError(f"--steps must be comma-separated percentages, got {args.steps!r}") from None
+    policy = None
+    if args.policy:
+        import yaml
+
+        try:
+            with open(args.policy, encoding="utf-8") as fh:
+                policy = yaml.safe_load(fh) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise _UsageError(f"cannot read policy {args.policy}: {exc}") from None
+    with _client() as client:
+        doc = client.start_rollout(args.model, strategy=args.strategy, target=args.target, steps=steps,
+                                   policy=policy, fleet=args.fleet, actor=_actor(args), reason=args.reason,
+                                   salt=args.salt)
+    return _emit(args, doc, _rollout_text)
+
+
+def _rollout_status(args: argparse.Namespace) -> int:
+    with _client() as client:
+        return _emit(args, client.rollout(args.rollout_id), _rollout_text)
+
+
+def _rollout_list(args: argparse.Namespace) -> int:
+    with _client() as client:
+        rollouts = client.rollouts()
+
+    def text(rs: list[dict[str, Any]]) -> str:
+        return table([(r["id"], r["strategy"], r["model"], r["selector"], r["state"], r["percent"], r["created_by"])
+                      for r in rs], ["ID", "STRATEGY", "MODEL", "TARGET", "STATE", "PERCENT", "BY"])
+
+    return _emit(args, rollouts, text)
+
+
+def _rollout_action(args: argparse.Namespace) -> int:
+    with _client() as client:
+        doc = client.rollout_action(args.rollout_id, args.action, actor=_actor(args), reason=args.reason)
+    return _emit(args, doc, _rollout_text)
+
+
 _HANDLERS: dict[tuple[str, str], Callable[[argparse.Namespace], int]] = {
     ("fleet", "list"): _fleet_list,
     ("fleet", "show"): _fleet_show,
@@ -400,4 +512,8 @@ _HANDLERS: dict[tuple[str, str], Callable[[argparse.Namespace], int]] = {
     ("models", "list"): _models_list,
     ("models", "show"): _models_show,
     ("models", "alias"): _models_alias,
+    ("rollout", "start"): _rollout_start,
+    ("rollout", "status"): _rollout_status,
+    ("rollout", "list"): _rollout_list,
+    **{("rollout", action): _rollout_action for action in ROLLOUT_ACTIONS},
 }

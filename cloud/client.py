@@ -123,3 +123,21 @@ class CloudClient:
         """Set the device's desired state (``name@version`` or ``name@alias``); the signed document."""
         body = {"model": model, "shadow": shadow, "expires_in": expires_in}
         return self.request("PUT", f"/v1/devices/{_q(fleet)}/{_q(device)}/desired", json=body)
+
+    # ------------------------------------------------------------------ rollouts
+    def start_rollout(self, model: str, *, strategy: str, target: str, actor: str, steps: list[float] | None = None,
+                      policy: dict[str, Any] | None = None, fleet: str = "default", reason: str = "",
+                      salt: str | None = None) -> dict[str, Any]:
+        body = {"model": model, "strategy": strategy, "target": target, "steps": steps, "policy": policy,
+                "fleet": fleet, "actor": actor, "reason": reason, "salt": salt}
+        return self.request("POST", "/v1/rollouts", json=body)
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/rollouts")
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/rollouts/{_q(rollout_id)}")
+
+    def rollout_action(self, rollout_id: str, action: str, *, actor: str, reason: str = "") -> dict[str, Any]:
+        """pause, resume, abort, promote, approve or rollback."""
+        return self.request("POST", f"/v1/rollouts/{_q(rollout_id)}/{action}", json={"actor": actor, "reason": reason})

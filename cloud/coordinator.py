@@ -50,6 +50,7 @@ class Coordinator:
         self.registry: Any = None
         self.ingestor: Any = None
         self.desired: Any = None  # DESIRED-STATE HOOK: the DesiredStates service (election + writer)
+        self.rollouts: Any = None  # ROLLOUTS HOOK: the RolloutService (ticks on its own thread)
         self.app: Any = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -90,6 +91,7 @@ class Coordinator:
             if not self.ingestor.subscribed.wait(cfg.broker_wait_s):
                 log.warning("broker %s not reachable yet; serving the API and retrying", cfg.broker_url)
             routers = self._plug_desired_state()
+            routers += self._plug_rollouts()
             self.app = self._make_app(routers)
             self._serve(sock)
         except BaseException:
@@ -118,6 +120,22 @@ class Coordinator:
         return self.config.public_base(self._address)
 
     # <<< DESIRED-STATE HOOK
+
+    # >>> ROLLOUTS HOOK
+    def _plug_rollouts(self) -> list[Any]:
+        """The rollout engine over the desired states; it ticks every ``EDGEML_ROLLOUTS_TICK_S``
+        seconds (default 5) and acts only while this replica leads. Stopped before desired states."""
+        import os
+
+        from .api._rollouts import rollout_router
+        from .rollouts import RolloutService
+
+        self.rollouts = RolloutService(self.store, self.desired, self.registry)
+        if self.desired.enabled:
+            self.rollouts.start_background(float(os.environ.get("EDGEML_ROLLOUTS_TICK_S", "5")))
+        return [rollout_router(self.rollouts)]
+
+    # <<< ROLLOUTS HOOK
 
     def _make_app(self, routers: list[Any]) -> Any:
         from .api import create_app
@@ -157,6 +175,8 @@ class Coordinator:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.error("HTTP server did not stop within %.1fs", timeout)
+        if self.rollouts is not None:
+            self.rollouts.stop(timeout)  # ROLLOUTS HOOK: no tick after desired states stop
         if self.desired is not None:
             self.desired.stop(timeout)  # DESIRED-STATE HOOK: stopped before ingestion
         if self.ingestor is not None:

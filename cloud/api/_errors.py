@@ -23,8 +23,10 @@ from .._exceptions import (
     InvalidDigest,
     InvalidInput,
     InvalidModel,
+    InvalidTransition,
     NotFound,
     NotLeader,
+    PolicyError,
     PublishError,
     RangeNotSatisfiable,
     SigningKeyMissing,
@@ -38,6 +40,8 @@ STATUS: tuple[tuple[type[CloudError], int], ...] = (
     (ArtifactNotFound, 404),
     (Conflict, 409),
     (InvalidModel, 422),
+    (PolicyError, 400),  # rollouts: a bad policy or selector
+    (InvalidTransition, 409),  # rollouts: the action does not fit the rollout's state
     (InvalidInput, 400),
     (InvalidDigest, 400),
     (RangeNotSatisfiable, 416),

@@ -234,6 +234,68 @@ MIGRATIONS: list[Migration] = [
     Migration(4, "desired states (signed documents, revisions)", {"sqlite": _V4_SQLITE, "postgresql": _V4_POSTGRESQL}),
 ]
 
+# >>> ROLLOUTS (migration 5): rollouts, cohort membership, verdicts and the audit log (cloud.rollouts)
+_V5 = """
+CREATE TABLE rollouts (
+    id TEXT PRIMARY KEY,
+    fleet TEXT NOT NULL,
+    model_ref TEXT NOT NULL,
+    baseline_ref TEXT,
+    strategy TEXT NOT NULL,
+    selector TEXT NOT NULL,
+    steps TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    salt TEXT NOT NULL,
+    state TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    step_started_at {real} NOT NULL,
+    created_at {real} NOT NULL,
+    updated_at {real} NOT NULL,
+    created_by TEXT NOT NULL,
+    approvals TEXT NOT NULL DEFAULT '[]',
+    result TEXT NOT NULL DEFAULT '{{}}',
+    reason TEXT
+);
+CREATE TABLE rollout_devices (
+    rollout_id TEXT NOT NULL REFERENCES rollouts (id),
+    device_id TEXT NOT NULL,
+    bucket INTEGER NOT NULL,
+    cohort TEXT NOT NULL,
+    joined_step INTEGER,
+    previous_ref TEXT,
+    revision BIGINT,
+    deployed_at {real},
+    applied INTEGER NOT NULL DEFAULT 0,
+    reverted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE TABLE rollout_verdicts (
+    id {serial},
+    rollout_id TEXT NOT NULL REFERENCES rollouts (id),
+    step INTEGER NOT NULL,
+    gate TEXT NOT NULL,
+    verdict TEXT NOT NULL,
+    evidence TEXT NOT NULL,
+    ts {real} NOT NULL
+);
+CREATE INDEX rollout_verdicts_by_rollout ON rollout_verdicts (rollout_id, id);
+CREATE TABLE audit_log (
+    id {serial},
+    ts {real} NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    rollout_id TEXT,
+    reason TEXT NOT NULL,
+    evidence TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE INDEX audit_log_by_rollout ON audit_log (rollout_id, id)
+"""
+MIGRATIONS.append(Migration(5, "rollouts, cohorts, verdicts, audit log", {
+    "sqlite": _V5.format(real="REAL", serial="INTEGER PRIMARY KEY AUTOINCREMENT"),
+    "postgresql": _V5.format(real="DOUBLE PRECISION", serial="BIGSERIAL PRIMARY KEY"),
+}))
+# <<< ROLLOUTS
+
 _CREATE_VERSION_TABLE = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at {real} NOT NULL)"
 )
