@@ -5,6 +5,7 @@
     edgeml fleet deploy DEVICE N@V [--shadow N@V] [--fleet F] | fleet desired DEVICE [--fleet F]
     edgeml models register FILE --name N --version V [--metrics JSON] [--parent N@V]
     edgeml models list | models show N@V | models alias N ALIAS VERSION
+    edgeml models train --recipe FILE [--config cloud.yaml] | models runs | models compare RUN_A RUN_B
     edgeml rollout start N@V --strategy S --target SELECTOR [--steps 5,25,100] [--policy FILE]
     edgeml rollout status ID | list | pause|resume|abort|promote|approve|rollback ID [--reason WHY]
 
@@ -88,6 +89,7 @@ def register_subcommands(subparsers: Any) -> None:
     p.add_argument("alias", metavar="ALIAS")
     p.add_argument("alias_version", metavar="VERSION")
     _json_flag(p)
+    _register_training(models_sub)  # TRAINING
 
     rollout = _register_rollout(subparsers)  # ROLLOUTS
 
@@ -517,3 +519,142 @@ _HANDLERS: dict[tuple[str, str], Callable[[argparse.Namespace], int]] = {
     ("rollout", "list"): _rollout_list,
     **{("rollout", action): _rollout_action for action in ROLLOUT_ACTIONS},
 }
+
+
+# --- training ---------------------------------------------------------------------------
+# `models train|runs|compare` run in this process against the coordinator's own store,
+# artifact directory and signing key (from --config / the EDGEML_* environment, as
+# `cloud serve` reads them), not through the REST API: training needs torch (the train
+# extra) where the command runs, and a run's epochs are printed as they finish.
+
+
+def _register_training(models_sub: Any) -> None:
+    p = models_sub.add_parser("train", help="train a recipe: ONNX float + gated int8, registered with lineage")
+    p.add_argument("--recipe", "-r", metavar="FILE", required=True, help="a recipe (configs/recipes/*.yaml)")
+    p.add_argument("--version", dest="train_version", metavar="V", help="registry version (default: next integer)")
+    p.add_argument("--parent", metavar="N@V", help="the model this one derives from (overrides the recipe)")
+    p.add_argument("--no-register", action="store_true", help="train and record the run, register nothing")
+    _training_flags(p)
+    p = models_sub.add_parser("runs", help="training runs: status, data, accuracy float/int8")
+    p.add_argument("--name", help="only runs of this recipe name")
+    _training_flags(p)
+    p = models_sub.add_parser("compare", help="two training runs side by side: recipe differences, metric deltas")
+    p.add_argument("run_a", metavar="RUN_A")
+    p.add_argument("run_b", metavar="RUN_B")
+    _training_flags(p)
+
+
+def _training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="the coordinator's YAML settings (the environment wins)")
+    _json_flag(p)
+
+
+class _TrainingContext:
+    """The coordinator's store, registry and training directory, opened from its settings."""
+
+    def __init__(self, config_path: str | None) -> None:
+        from ._config import load_cloud_config
+        from .artifacts import ArtifactStore
+        from .registry.models import ModelRegistry
+        from .store import open_store
+
+        config = load_cloud_config(config_path)
+        self.store = open_store(config.store_url)
+        self.registry = ModelRegistry(self.store, ArtifactStore(config.artifact_dir), config.signing_key)
+        self.workdir = config.artifact_dir / "training"
+
+    def __enter__(self) -> _TrainingContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.close()
+
+
+def _training_module() -> Any:
+    try:
+        import torch  # noqa: F401
+
+        from . import training
+    except ImportError as exc:
+        raise _UsageError(f"training needs the train extra: pip install 'edgeml[train]' ({exc})") from exc
+    return training
+
+
+def _models_train(args: argparse.Namespace) -> int:
+    training = _training_module()
+    recipe = training.load_recipe(args.recipe)
+    with _TrainingContext(args.config) as ctx:
+        result = training.train(
+            recipe, store=ctx.store, registry=None if args.no_register else ctx.registry, workdir=ctx.workdir,
+            version=args.train_version, parent=args.parent, progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+
+    def text(r: dict[str, Any]) -> str:
+        int8 = r["int8"]
+        lines = [
+            f"run {r['run_id']}: {r['name']} trained in {r['training_seconds']:.1f} s on {r['dataset']['rows']} rows "
+            f"({r['dataset']['hash']})",
+            f"float  accuracy {r['float']['accuracy']:.4f}  {r['float']['latency_us_batch']:.0f} us/batch  "
+            f"{r['float']['size_bytes']} bytes",
+            (f"int8   accuracy {int8['accuracy']:.4f}  {int8['latency_us_batch']:.0f} us/batch  {int8['size_bytes']} bytes "
+             f"({int8['method']}, x{int8['gate']['speedup']:.2f})") if int8 else
+            "int8   refused: " + " | ".join(f"{c['method']}: {'; '.join(c['gate']['reasons'])}" for c in r["int8_candidates"]),
+            f"tflite {r['tflite']['status']}: {r['tflite'].get('reason', '')}",
+            "registered " + (", ".join(r["registered"]) or "nothing"),
+        ]
+        return "\n".join(lines)
+
+    return _emit(args, result, text)
+
+
+def _run_row(r: Any) -> tuple[Any, ...]:
+    flt = (r.metrics.get("float") or {}).get("accuracy")
+    int8 = (r.metrics.get("int8") or {}).get("accuracy")
+    return (r.run_id, r.name, r.status, (r.dataset_hash or "")[7:19] or None, r.recipe["training"]["epochs"],
+            None if flt is None else f"{flt:.4f}", "refused" if r.status == "succeeded" and int8 is None else
+            (None if int8 is None else f"{int8:.4f}"), ", ".join((r.result or {}).get("registered", [])) or None,
+            _when(r.started_at))
+
+
+def _models_runs(args: argparse.Namespace) -> int:
+    from .training import RunStore
+
+    with _TrainingContext(args.config) as ctx:
+        runs = RunStore(ctx.store).list(args.name)
+
+    def text(rs: list[Any]) -> str:
+        if not rs:
+            return "no training runs"
+        headers = ["RUN", "NAME", "STATUS", "DATASET", "EPOCHS", "FLOAT ACC", "INT8 ACC", "REGISTERED", "STARTED"]
+        return table([_run_row(r) for r in rs], headers)
+
+    if args.json:
+        return _emit(args, [r.as_json() for r in runs], str)
+    print(text(runs))
+    return 0
+
+
+def _models_compare(args: argparse.Namespace) -> int:
+    from .training import RunStore, compare_runs
+
+    with _TrainingContext(args.config) as ctx:
+        runs = RunStore(ctx.store)
+        doc = compare_runs(runs.get(args.run_a), runs.get(args.run_b))
+
+    def text(d: dict[str, Any]) -> str:
+        lines = [f"A {d['a']} ({d['status']['a']})  vs  B {d['b']} ({d['status']['b']})",
+                 "same dataset" if d["same_dataset"] else f"datasets differ: {d['dataset_hash']['a']} vs {d['dataset_hash']['b']}"]
+        params = [(k, _cell(v["a"]), _cell(v["b"])) for k, v in d["params"].items()]
+        lines.append(table(params, ["RECIPE KEY", "A", "B"]) if params else "same recipe")
+        metrics = [(k, _cell(v["a"]), _cell(v["b"]), _cell(v.get("delta"))) for k, v in d["metrics"].items()]
+        lines.append(table(metrics, ["METRIC", "A", "B", "B - A"]))
+        return "\n".join(lines)
+
+    return _emit(args, doc, text)
+
+
+_HANDLERS.update({
+    ("models", "train"): _models_train,
+    ("models", "runs"): _models_runs,
+    ("models", "compare"): _models_compare,
+})

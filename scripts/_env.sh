@@ -17,7 +17,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.edgeml-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "installing edgeml[dev] into $VENV ..." >&2
-  "$VENV/bin/pip" install -q -c constraints.txt -e '.[dev]' >&2
+  echo "installing edgeml[dev,train] into $VENV (torch pinned by constraints.txt) ..." >&2
+  "$VENV/bin/pip" install -q -c constraints.txt -e '.[dev,train]' >&2
   touch "$stamp"
 fi
