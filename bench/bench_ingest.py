@@ -1,4 +1,6 @@
-"""Ingest throughput, broker to store, on loopback: one Ingestor, SQLite then PostgreSQL.
+"""Ingest throughput, broker to store, on loopback: one Ingestor on SQLite, one on
+PostgreSQL, then two Ingestor replicas (shared subscription, one client id each, one
+store each, in this process) on one PostgreSQL database.
 
     python bench/bench_ingest.py [--records 200000] [--batch 500] [--devices 4] [--no-postgres]
 
@@ -59,10 +61,10 @@ def publish(port: int, records: int, batch: int, devices: int) -> None:
         c.loop_stop()
 
 
-def run(store_url: str, port: int, args: argparse.Namespace) -> dict[str, object]:
+def run(store_url: str, port: int, args: argparse.Namespace, replicas: int = 1) -> dict[str, object]:
     from cloud import Ingestor, open_store
 
-    store = open_store(store_url)
+    store = open_store(store_url)  # the clock's; each replica opens its own
     total = (args.records // args.devices) * args.devices
     child = subprocess.Popen(
         [sys.executable, __file__, "--publish", str(port), "--records", str(args.records), "--batch", str(args.batch),
@@ -71,8 +73,14 @@ def run(store_url: str, port: int, args: argparse.Namespace) -> dict[str, object
     )
     assert child.stdout is not None and child.stdin is not None
     assert child.stdout.readline().strip() == "ready"
-    ingestor = Ingestor(store, broker_url=f"mqtt://127.0.0.1:{port}", client_id=f"bench-{uuid.uuid4().hex[:6]}")
-    ingestor.start()
+    group = {"shared_group": f"bench-{uuid.uuid4().hex[:6]}"} if replicas > 1 else {}
+    ingestors = [
+        Ingestor(open_store(store_url), broker_url=f"mqtt://127.0.0.1:{port}", client_id=f"bench-{uuid.uuid4().hex[:6]}",
+                 **group)
+        for _ in range(replicas)
+    ]
+    for ingestor in ingestors:
+        ingestor.start()
 
     def committed() -> int:
         return sum(c.records for d in range(args.devices) for c in store.device_counters("bench", f"bench-{d}").values())
@@ -84,11 +92,13 @@ def run(store_url: str, port: int, args: argparse.Namespace) -> dict[str, object
         time.sleep(0.01)
     elapsed = time.perf_counter() - start
     child.wait(60)
-    ingestor.stop()
+    for ingestor in ingestors:
+        ingestor.stop()
+        ingestor.store.close()
     result = {
-        "store": store.dialect, "records": total, "seconds": round(elapsed, 3),
-        "records_per_s": round(total / elapsed), "flushes": ingestor.stats.flushes,
-        "duplicates": ingestor.stats.duplicates,
+        "store": store.dialect, "replicas": replicas, "records": total, "seconds": round(elapsed, 3),
+        "records_per_s": round(total / elapsed), "flushes": sum(i.stats.flushes for i in ingestors),
+        "duplicates": sum(i.stats.duplicates for i in ingestors),
     }
     store.close()
     return result
@@ -119,11 +129,14 @@ def main() -> None:
                 db = f"edgeml_bench_{uuid.uuid4().hex[:8]}"
                 with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                     conn.execute(f"CREATE DATABASE {db}")
+                    conn.execute(f"CREATE DATABASE {db}_x2")
                 try:
                     results.append(run(f"postgresql://postgres@127.0.0.1:5432/{db}", broker.port, args))
+                    results.append(run(f"postgresql://postgres@127.0.0.1:5432/{db}_x2", broker.port, args, replicas=2))
                 finally:
                     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                         conn.execute(f"DROP DATABASE {db} WITH (FORCE)")
+                        conn.execute(f"DROP DATABASE {db}_x2 WITH (FORCE)")
         finally:
             broker.stop()
     print(json.dumps({"benchmark": "ingest", "batch": args.batch, "devices": args.devices, "results": results}, indent=2))

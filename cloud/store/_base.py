@@ -129,8 +129,50 @@ class Transaction(ABC):
             if b.records:
                 groups.setdefault((b.fleet, b.device, b.stream), []).extend(b.records)
         keys = sorted(groups)
-        locked = {key: self._lock_counters(key, now) for key in keys}  # sorted: no deadlock
-        return {key: self._insert_stream(key, groups[key], locked[key], now) for key in keys}
+        seqs = {key: {r["seq"] for r in groups[key]} for key in keys}
+        for key in keys:
+            if min(seqs[key]) < 1:
+                raise ValueError(f"seq must be >= 1 in {key}")
+        if not keys:
+            return {}
+        locked = self._lock_all(keys, now)  # sorted: no deadlock
+        inserted = self._insert_all(keys, groups, now)
+        results: dict[StreamKey, InsertResult] = {}
+        updates: list[tuple[StreamKey, tuple[int, int, int, int, int]]] = []
+        for key in keys:
+            stored, max_seq, contiguous, duplicates = locked[key]
+            n, received = inserted.get(key, 0), len(groups[key])
+            stored += n
+            duplicates += received - n
+            max_seq = max(max_seq, max(seqs[key]))
+            if stored == max_seq:
+                contiguous = max_seq
+            elif contiguous + 1 in seqs[key]:
+                contiguous = self._run_end(key, contiguous)
+            updates.append((key, (stored, max_seq, contiguous, max_seq - stored, duplicates)))
+            results[key] = InsertResult(n, received - n)
+        self._update_counters(updates, now)
+        return results
+
+    # Backend hooks of insert_many; a backend may batch them across streams.
+    def _lock_all(self, keys: Sequence[StreamKey], now: float) -> dict[StreamKey, tuple[int, int, int, int]]:
+        """Create and lock the counter rows of ``keys`` (sorted), in order; their values."""
+        return {key: self._lock_counters(key, now) for key in keys}
+
+    def _insert_all(
+        self, keys: Sequence[StreamKey], groups: Mapping[StreamKey, Sequence[Mapping[str, Any]]], now: float,
+    ) -> dict[StreamKey, int]:
+        """Insert every stream's records, skipping stored seqs; rows inserted per stream."""
+        return {key: self._insert_rows(key, groups[key], now) for key in keys}
+
+    def _update_counters(self, updates: Sequence[tuple[StreamKey, tuple[int, int, int, int, int]]], now: float) -> None:
+        """Write ``(records, max_seq, max_contiguous_seq, gaps, duplicates)`` of each locked stream."""
+        for key, values in updates:
+            self.execute(
+                "UPDATE ingest_counters SET records = ?, max_seq = ?, max_contiguous_seq = ?, gaps = ?, "
+                "duplicates = ?, last_seen = ? WHERE fleet = ? AND device_id = ? AND stream = ?",
+                (*values, now, *key),
+            )
 
     def _lock_counters(self, key: StreamKey, now: float) -> tuple[int, int, int, int]:
         self.execute(
@@ -143,28 +185,6 @@ class Transaction(ABC):
             f"WHERE fleet = ? AND device_id = ? AND stream = ?{self.for_update}",
             key,
         ).fetchone()
-
-    def _insert_stream(
-        self, key: StreamKey, records: list[Mapping[str, Any]], counters: tuple[int, int, int, int], now: float,
-    ) -> InsertResult:
-        seqs = {r["seq"] for r in records}
-        if min(seqs) < 1:
-            raise ValueError(f"seq must be >= 1 in {key}")
-        inserted = self._insert_rows(key, records, now)
-        stored, max_seq, contiguous, duplicates = counters
-        stored += inserted
-        duplicates += len(records) - inserted
-        max_seq = max(max_seq, max(seqs))
-        if stored == max_seq:
-            contiguous = max_seq
-        elif contiguous + 1 in seqs:
-            contiguous = self._run_end(key, contiguous)
-        self.execute(
-            "UPDATE ingest_counters SET records = ?, max_seq = ?, max_contiguous_seq = ?, gaps = ?, duplicates = ?, "
-            "last_seen = ? WHERE fleet = ? AND device_id = ? AND stream = ?",
-            (stored, max_seq, contiguous, max_seq - stored, duplicates, now, *key),
-        )
-        return InsertResult(inserted, len(records) - inserted)
 
     def _run_end(self, key: StreamKey, contiguous: int) -> int:
         """The last seq of the run of stored seqs that starts at ``contiguous + 1``."""

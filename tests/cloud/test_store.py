@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 import pytest
 
 from cloud import ConfigError, NotFound, Store, open_store
-from cloud.store import MIGRATIONS, StreamCounters
+from cloud.store import MIGRATIONS, StreamCounters, TelemetryBatchIn
 
 
 def recs(seqs: Iterable[int], kind: str = "prediction") -> list[dict]:
@@ -106,6 +106,68 @@ def test_concurrent_writers_keep_counters_exact(make_store: Callable[[], Store],
     assert (c.records, c.max_seq, c.max_contiguous_seq, c.gaps) == (distinct, distinct, distinct, 0)
     assert c.duplicates == total - distinct
     assert len(rows(first)) == distinct
+
+
+def test_insert_many_streams_with_duplicates_inside_and_across_batches(store: Store) -> None:
+    """One flush of several streams, the same stream twice, seqs repeated in a batch and across flushes."""
+    flushes = [
+        [TelemetryBatchIn("f", "d", "a", recs([1, 2, 2, 3])), TelemetryBatchIn("f", "e", "a", recs([5, 5])),
+         TelemetryBatchIn("f", "d", "a", recs([3, 4])), TelemetryBatchIn("f", "d", "b", recs([1]))],
+        [TelemetryBatchIn("f", "d", "b", recs([1, 2, 1])), TelemetryBatchIn("f", "d", "a", recs([4, 6, 6]))],
+        [TelemetryBatchIn("f", "e", "a", recs([1, 2, 3, 4, 4]))],
+    ]
+    results = [store.insert_many(f, received_at=10.0 + i) for i, f in enumerate(flushes)]
+    assert results[0] == {("f", "d", "a"): (4, 2), ("f", "d", "b"): (1, 0), ("f", "e", "a"): (1, 1)}
+    assert results[1] == {("f", "d", "a"): (1, 2), ("f", "d", "b"): (1, 2)}
+    assert results[2] == {("f", "e", "a"): (4, 1)}
+    per_stream: dict[tuple[str, str], list[list[int]]] = {}
+    for f in flushes:
+        for b in f:
+            per_stream.setdefault((b.device, b.stream), []).append([r["seq"] for r in b.records])
+    for (device, stream), batches in per_stream.items():
+        c = store.device_counters("f", device)[stream]
+        assert (c.records, c.max_contiguous_seq, c.gaps, c.duplicates) == expected(batches), (device, stream, c)
+    assert rows(store) == [1, 1, 2, 2, 3, 4, 6]  # d: a 1,2,3,4,6 and b 1,2, ordered by ts
+    row = store.query_telemetry("f", "e", stream="a", limit=1)[0]
+    assert (row.seq, row.ts, row.kind, row.received_at) == (1, 1001.0, "prediction", 12.0)
+    assert row.body == recs([1])[0]
+    assert store.insert_many([]) == {}
+    with pytest.raises(ValueError):
+        store.insert_many([TelemetryBatchIn("f", "d", "a", recs([7])), TelemetryBatchIn("f", "d", "c", recs([0]))])
+    assert store.device_counters("f", "d")["a"].max_seq == 6  # nothing of the failed flush stayed
+
+
+def test_concurrent_multi_stream_writers_keep_counters_exact(make_store: Callable[[], Store]) -> None:
+    """Two replicas flush overlapping batches of the same streams, listed in opposite orders."""
+    stores = [make_store(), make_store()]
+    streams = [("d1", "s"), ("d2", "s"), ("d3", "t")]
+    batches = [list(range(i, i + 40)) + [i + 5] for i in range(1, 1500, 30)]  # overlapping, a duplicate inside
+    errors: list[BaseException] = []
+
+    def writer(store: Store, order: list[tuple[str, str]], mine: list[list[int]]) -> None:
+        try:
+            for b in mine:
+                store.insert_many([TelemetryBatchIn("f", d, s, recs(b)) for d, s in order])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    work = [batches, list(reversed(batches))]
+    threads = [
+        threading.Thread(target=writer, args=(stores[0], streams, work[0])),
+        threading.Thread(target=writer, args=(stores[1], streams[::-1], work[1])),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    distinct = len({s for b in batches for s in b})
+    total = 2 * sum(len(b) for b in batches)
+    for d, s in streams:
+        c = stores[0].device_counters("f", d)[s]
+        assert (c.records, c.max_seq, c.max_contiguous_seq, c.gaps) == (distinct, distinct, distinct, 0)
+        assert c.duplicates == total - distinct
+        assert len(rows(stores[0], device=d)) == distinct
 
 
 def test_migrations_apply_once(store_url: str) -> None:
