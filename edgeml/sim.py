@@ -10,8 +10,16 @@ single ``selectors`` loop, which is what lets 1,000 devices fit in one process.
 A simulated device follows its desired state like the real agent, but lightly: it
 checks the document's signature when a fleet key is given, fetches the model (shared
 by sha256, downloaded once), and switches; there is no on-disk state machine. Knobs:
-prediction rate, injected extra latency and error rate (per model version or for all),
-input drift, and connection drops.
+prediction rate, injected extra latency (absolute or as a factor), error rate and
+accuracy (per model version or for all), input drift, and connection drops.
+
+Labels: each prediction gets a true label that equals the model's top1 with the
+version's probability (``Faults.accuracy``, default 0.9), otherwise another class; a
+``feedback`` record (what the agent's ``POST /v1/feedback`` produces) is sent for a
+fraction ``feedback_rate`` of the predictions. A desired state naming a ``shadow``
+model makes the device fetch it (shared) and report it as ``shadow`` in its state: a
+blue/green preload is observable (the shadow is not run). ``start(offline=[...])``
+leaves devices unconnected until :meth:`Simulator.connect`.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import random
 import selectors
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,17 +50,30 @@ from .protocol import Topics
 log = logging.getLogger(__name__)
 
 
+#: P(true label == the model's top1) when ``Faults.accuracy`` names neither the version nor "*".
+DEFAULT_ACCURACY = 0.9
+
+
 @dataclass
 class Faults:
     """What the simulation injects. Per-version entries apply to devices serving that version."""
 
     extra_latency_us: dict[str, float] = field(default_factory=dict)  # version ("*" = all) -> µs
     error_rate: dict[str, float] = field(default_factory=dict)  # version ("*" = all) -> probability
+    latency_factor: dict[str, float] = field(default_factory=dict)  # version ("*" = all) -> x latency
+    service_time_us: float = 0.0  # a device's own inference time (median of a lognormal, sigma 0.25), added
+    accuracy: dict[str, float] = field(default_factory=dict)  # version ("*" = all) -> P(label == top1)
     drift: float = 0.0  # added to every input value
     disconnect_rate: float = 0.0  # per device and second
 
     def latency(self, version: str) -> float:
         return self.extra_latency_us.get(version, self.extra_latency_us.get("*", 0.0))
+
+    def factor(self, version: str) -> float:
+        return self.latency_factor.get(version, self.latency_factor.get("*", 1.0))
+
+    def accuracy_of(self, version: str) -> float:
+        return self.accuracy.get(version, self.accuracy.get("*", DEFAULT_ACCURACY))
 
     def errors(self, version: str) -> float:
         return self.error_rate.get(version, self.error_rate.get("*", 0.0))
@@ -94,6 +115,8 @@ class SimDevice:
         self.topics = Topics(sim.fleet, device_id)
         self.device_id = device_id
         self.model = model
+        self.shadow: LoadedModel | None = None  # preloaded (blue/green), reported, not run
+        self.wanted = True  # should be connected (False: offline until Simulator.connect)
         self.stream = hashlib.sha256(f"{sim.run_id}:{device_id}".encode()).hexdigest()[:32]
         self.next_seq = 1
         self.pending: collections.deque[bytes] = collections.deque()  # encoded records not yet sent
@@ -141,7 +164,8 @@ class SimDevice:
             if doc["revision"] <= self.applied_revision:
                 return
             self.applied_revision = doc["revision"]
-            model_ref = doc.get("model")
+            model_ref, shadow_ref = doc.get("model"), doc.get("shadow")
+            self.shadow = self.sim.models.fetch(shadow_ref) if shadow_ref else None
             if model_ref and model_ref.get("sha256") != self.model.info.sha256:
                 self.model = self.sim.models.fetch(model_ref)
                 self.event("update_state", {"state": "idle", "result": "success", "revision": doc["revision"]})
@@ -150,11 +174,9 @@ class SimDevice:
             self.event("update_rejected", {"reason": type(exc).__name__, "message": str(exc)[:200]})
 
     def _report_state(self) -> None:
-        info = self.model.info
-        slot = {"name": info.name, "version": info.version, "sha256": info.sha256, "size": info.size,
-                "engine": info.engine}
         state = {"v": 1, "fleet": self.sim.fleet, "device": self.device_id, "ts": time.time(),
-                 "applied_revision": self.applied_revision or None, "active": slot, "previous": None,
+                 "applied_revision": self.applied_revision or None, "active": _slot(self.model), "previous": None,
+                 "shadow": _slot(self.shadow) if self.shadow else None,
                  "update": {"state": "idle", "revision": self.applied_revision or None, "result": "success"},
                  "hardware_profile": "sim"}
         if self.connected:
@@ -174,14 +196,30 @@ class SimDevice:
         x = rng.standard_normal([d or 1 for d in spec.shape]).astype(spec.dtype) + faults.drift
         t0 = time.perf_counter()
         outputs = model.runtime.run({spec.name: x})
-        latency = (time.perf_counter() - t0) * 1e6 + faults.latency(model.version)
+        latency = (time.perf_counter() - t0) * 1e6
+        if faults.service_time_us:  # a slower device than this machine: its latency is mostly its own
+            latency += faults.service_time_us * float(np.exp(0.25 * rng.standard_normal()))
+        latency = latency * faults.factor(model.version) + faults.latency(model.version)
         self.predictions += 1
         if rng.random() < faults.errors(model.version):
             self.errors += 1
             return
         out = outputs[model.first_output]
+        summary = summarize(model.first_output, out)
         self._record({"kind": "prediction", "model": model.name, "version": model.version,
-                      "latency_us": round(latency, 2), "batch": 1, "summary": summarize(model.first_output, out)})
+                      "latency_us": round(latency, 2), "batch": 1, "summary": summary})
+        top1 = summary.get("top1")
+        if top1 is not None and rng.random() < self.sim.feedback_rate:
+            self._feedback(rng, int(top1), int(np.asarray(out).shape[-1]))
+
+    def _feedback(self, rng: np.random.Generator, top1: int, classes: int) -> None:
+        """The application's label: right with the version's accuracy, else another class."""
+        model = self.model
+        label = top1
+        if classes > 1 and rng.random() >= self.sim.faults.accuracy_of(model.version):
+            label = (top1 + 1 + int(rng.integers(classes - 1))) % classes
+        self._record({"kind": "feedback", "model": model.name, "version": model.version, "label": label,
+                      "predicted": top1, "correct": label == top1})
 
     def metrics(self) -> None:
         self._record({"kind": "metrics", "cpu_percent": 0.0, "rss_bytes": 0, "uptime_s": 0.0,
@@ -206,13 +244,14 @@ class Simulator:
     def __init__(self, broker_url: str, model_path: Path, *, devices: int, fleet: str = "sim",
                  rate: float = 1.0, workdir: Path, faults: Faults | None = None,
                  public_keys: Any = None, tags: Callable[[int], dict[str, str]] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, feedback_rate: float = 0.1) -> None:
         from ._config import parse_broker_url
 
         self.broker = parse_broker_url(broker_url)
         self.fleet = fleet
         self.rate = rate
         self.faults = faults or Faults()
+        self.feedback_rate = feedback_rate  # fraction of predictions whose label is fed back
         self.public_keys = public_keys
         self.run_id = f"{seed}"
         self.models = _Models(workdir / "models")
@@ -223,6 +262,7 @@ class Simulator:
         self._random = random.Random(seed)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._to_connect: collections.deque[SimDevice] = collections.deque()  # handed to the loop thread
         self.started_at = 0.0
         for device in self.devices:
             self._wire(device.client, device)
@@ -250,19 +290,37 @@ class Simulator:
         client.on_socket_register_write = want_write
         client.on_socket_unregister_write = no_write
 
-    def start(self) -> Simulator:
+    def start(self, offline: Iterable[str] = ()) -> Simulator:
+        """Connect every device but those in ``offline`` (they wait for :meth:`connect`)."""
+        later = set(offline)
         for device in self.devices:
-            device.client.connect(self.broker.host, self.broker.port, keepalive=60)
             device.event("agent_started", {"simulated": True})
+            if device.device_id in later:
+                device.wanted = False
+            else:
+                device.client.connect(self.broker.host, self.broker.port, keepalive=60)
         self.started_at = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="edgeml-sim", daemon=True)
         self._thread.start()
         return self
 
+    def connect(self, device_ids: Iterable[str]) -> None:
+        """Bring devices left offline by ``start(offline=...)`` online (on the loop thread)."""
+        wanted = set(device_ids)
+        self._to_connect.extend(d for d in self.devices if d.device_id in wanted and not d.wanted)
+
+    def _connect_waiting(self) -> None:  # the loop thread
+        while self._to_connect:
+            device = self._to_connect.popleft()
+            device.wanted = True
+            with contextlib.suppress(OSError):
+                device.client.connect(self.broker.host, self.broker.port, keepalive=60)
+
     def _loop(self) -> None:
         tick, last_tick, last_misc, last_metrics = 0.1, 0.0, 0.0, time.monotonic()
         owed = 0.0
         while not self._stop.is_set():
+            self._connect_waiting()
             for key, mask in self._sel.select(timeout=0.02):
                 client = key.data.client
                 if mask & selectors.EVENT_READ:
@@ -273,6 +331,8 @@ class Simulator:
             if now - last_misc >= 1.0:
                 last_misc = now
                 for device in self.devices:
+                    if not device.wanted:
+                        continue
                     device.client.loop_misc()  # keepalive, and reconnection after a drop
                     if not device.connected and device.client.socket() is None:
                         with contextlib.suppress(OSError):
@@ -285,8 +345,9 @@ class Simulator:
                 whole = int(owed)
                 owed -= whole
                 for device in self.devices:
-                    for _ in range(whole):
-                        device.predict(self._rng)
+                    if device.wanted:  # an offline device is switched off: it neither serves nor sends
+                        for _ in range(whole):
+                            device.predict(self._rng)
                     device.flush()
             if now - last_metrics >= 10.0:
                 last_metrics = now
@@ -303,6 +364,7 @@ class Simulator:
             "acked": sum(d.acked for d in devices),
             "pending": sum(len(d.pending) for d in devices),
             "versions": dict(collections.Counter(d.model.version for d in devices)),
+            "shadows": dict(collections.Counter(d.shadow.version for d in devices if d.shadow is not None)),
         }
 
     def drain(self, timeout: float = 30.0) -> bool:
@@ -324,6 +386,12 @@ class Simulator:
                 device.client.loop_write()
             device.client.disconnect()
             device.client.loop_write()
+
+
+def _slot(model: LoadedModel) -> dict[str, Any]:
+    info = model.info
+    return {"name": info.name, "version": info.version, "sha256": info.sha256, "size": info.size,
+            "engine": info.engine}
 
 
 def run_sim(devices: int, broker: str | None, model: str | None, rate: float, duration: float, fleet: str) -> int:

@@ -41,6 +41,8 @@ class CohortSamples:
     shadow_agreed: float = 0.0
     shadow_latency_p95: list[float] = field(default_factory=list)
     primary_latency_p95: list[float] = field(default_factory=list)
+    labeled: int = 0  # feedback records that say whether the prediction was correct
+    correct: int = 0
     devices: int = 0
     unhealthy: list[str] = field(default_factory=list)
 
@@ -121,6 +123,21 @@ def shadow_gate(gate: Gate, policy: Policy, canary: CohortSamples, baseline: Coh
     })
 
 
+def accuracy_gate(gate: Gate, policy: Policy, canary: CohortSamples, baseline: CohortSamples) -> Verdict:
+    n = {"canary": canary.labeled, "baseline": baseline.labeled}
+    if (short := _short(gate, policy, n)) is not None:
+        return short
+    # H0: baseline - canary <= threshold; a significant excess is a material drop
+    test = two_proportion_z(baseline.correct, n["baseline"], canary.correct, n["canary"], margin=gate.threshold)
+    acc = {"canary": canary.correct / n["canary"], "baseline": baseline.correct / n["baseline"]}
+    failed = test.p_value < policy.alpha
+    return Verdict(gate.metric, FAIL if failed else PASS, {
+        "samples": n, "correct": {"canary": canary.correct, "baseline": baseline.correct}, "accuracy": acc,
+        "test": "two-proportion z one-sided, H0: baseline - canary accuracy <= threshold", "z": round(test.z, 4),
+        "p_value": test.p_value, "alpha": policy.alpha, "drop": test.statistic, "threshold": gate.threshold,
+    })
+
+
 def health_gate(gate: Gate, policy: Policy, canary: CohortSamples, baseline: CohortSamples) -> Verdict:
     failed = len(canary.unhealthy) > gate.threshold
     return Verdict(gate.metric, FAIL if failed else PASS, {
@@ -129,7 +146,7 @@ def health_gate(gate: Gate, policy: Policy, canary: CohortSamples, baseline: Coh
 
 
 GATES = {"latency_p95": latency_gate, "error_rate": error_rate_gate, "psi": psi_gate,
-         "shadow_agreement": shadow_gate, "health": health_gate}
+         "shadow_agreement": shadow_gate, "health": health_gate, "accuracy": accuracy_gate}
 
 
 def evaluate(policy: Policy, canary: CohortSamples, baseline: CohortSamples,

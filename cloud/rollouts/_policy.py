@@ -11,7 +11,9 @@ what each verdict does::
       - {metric: error_rate, threshold: 0.01}                        # +1 point at most
       - {metric: psi, threshold: 0.2}                                # top1 distribution shift
       - {metric: shadow_agreement, threshold: 0.95}                  # shadow rollouts
+      - {metric: accuracy, threshold: 0.02}                          # -2 points at most (feedback)
       - {metric: health, threshold: 0}                               # device rollbacks allowed
+    windows: ["Mon-Fri 01:00-05:00 UTC"]  # deploy only then (empty: any time)
     on_fail: rollback            # rollback | pause
     on_inconclusive: wait        # wait | pause
     inconclusive_timeout_s: null # after this long inconclusive: pause (null: wait forever)
@@ -21,19 +23,28 @@ What a gate's ``threshold`` means depends on its metric (see :data:`GATE_DOC`). 
 fails only when the difference is both statistically significant at ``confidence``
 and larger than the threshold (Kayenta's rule: significant *and* material); too few
 samples on either side gives ``inconclusive``.
+
+``windows`` restricts when the engine writes a step's documents (the start, each
+promotion, a blue/green flip); outside every window a rollout due to deploy waits and
+its status says until when. Rollbacks are never held back. A window is a string
+``"DAYS HH:MM-HH:MM TZ"`` (days ``Mon-Fri``, ``Sat,Sun``, ``*``/``daily``; the zone
+defaults to UTC) or a mapping ``{days: [Mon, Tue], start: "01:00", end: "05:00",
+tz: UTC}``; an end before the start crosses midnight (the days name the start).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .._exceptions import PolicyError
 
-Metric = Literal["latency_p95", "error_rate", "psi", "shadow_agreement", "health"]
+Metric = Literal["latency_p95", "error_rate", "psi", "shadow_agreement", "health", "accuracy"]
 Strategy = Literal["canary", "phased", "bluegreen", "ab", "shadow"]
 STRATEGIES: tuple[str, ...] = ("canary", "phased", "bluegreen", "ab", "shadow")
 
@@ -46,7 +57,12 @@ GATE_DOC: dict[str, str] = {
     "psi": "fail if the PSI of the canary's top1 distribution against the baseline's exceeds threshold",
     "shadow_agreement": "fail if the upper confidence bound of shadow top1 agreement is below threshold",
     "health": "fail if more than threshold canary devices rolled the update back or failed it",
+    "accuracy": "fail if the canary's accuracy (feedback records with `correct`) is below the baseline's by more "
+                "than threshold (absolute, 0.02 = 2 points), significantly (one-sided two-proportion z-test of "
+                "H0: baseline - canary <= threshold, p < 1-confidence)",
 }
+
+DAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 class Gate(BaseModel):
@@ -55,6 +71,93 @@ class Gate(BaseModel):
     metric: Metric
     threshold: float = Field(description="meaning depends on the metric: see GATE_DOC")
     min_samples: int | None = Field(None, ge=1, description="per side; null: the policy's min_samples")
+
+
+def _day(name: str) -> int:
+    try:
+        return DAYS.index(name.strip().lower()[:3])
+    except ValueError:
+        raise ValueError(f"unknown day {name!r} (Mon..Sun)") from None
+
+
+def _days(spec: str) -> list[int]:
+    """``Mon-Fri``, ``Sat,Sun``, ``Fri-Mon`` (wraps), ``*`` or ``daily``."""
+    if spec.strip().lower() in ("*", "daily", "all"):
+        return list(range(7))
+    out: list[int] = []
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        a = _day(first)
+        b = _day(last) if last else a
+        out += [(a + i) % 7 for i in range((b - a) % 7 + 1)]
+    return sorted(set(out))
+
+
+def _minutes(hhmm: str) -> int:
+    hh, sep, mm = hhmm.strip().partition(":")
+    if not sep or not hh.isdigit() or not mm.isdigit() or not (0 <= int(hh) <= 24 and 0 <= int(mm) < 60) \
+            or int(hh) * 60 + int(mm) > 1440:
+        raise ValueError(f"a time is HH:MM (00:00..24:00), got {hhmm!r}")
+    return int(hh) * 60 + int(mm)
+
+
+class Window(BaseModel):
+    """A weekly maintenance window: ``days`` (0 = Monday), ``start``/``end`` as HH:MM in ``tz``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    days: tuple[int, ...] = tuple(range(7))
+    start: str
+    end: str
+    tz: str = "UTC"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, data: Any) -> Any:
+        if isinstance(data, str):  # "Mon-Fri 01:00-05:00 UTC"
+            parts = data.split()
+            if len(parts) not in (2, 3) or "-" not in parts[1]:
+                raise ValueError(f"a window is 'DAYS HH:MM-HH:MM [TZ]', got {data!r}")
+            start, _, end = parts[1].partition("-")
+            data = {"days": parts[0], "start": start, "end": end, "tz": parts[2] if len(parts) == 3 else "UTC"}
+        if isinstance(data, dict) and data.get("days") is not None:
+            days = data["days"]
+            if isinstance(days, str):
+                days = _days(days)
+            data = {**data, "days": tuple(_day(d) if isinstance(d, str) else int(d) for d in days)}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Window:
+        if not self.days or any(not 0 <= d < 7 for d in self.days):
+            raise ValueError("days must name at least one of Mon..Sun")
+        if _minutes(self.start) == _minutes(self.end):
+            raise ValueError("a window needs start != end")
+        try:
+            ZoneInfo(self.tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {self.tz!r}") from None
+        return self
+
+    def _spans(self, ts: float, days_back: int, days_ahead: int) -> list[tuple[float, float]]:
+        """(open, close) Unix times of this window's occurrences around ``ts``."""
+        zone = ZoneInfo(self.tz)
+        today = dt.datetime.fromtimestamp(ts, zone).date()
+        start, end = _minutes(self.start), _minutes(self.end)
+        length = (end - start) % 1440 or 1440
+        spans = []
+        for offset in range(-days_back, days_ahead + 1):
+            day = today + dt.timedelta(days=offset)
+            if day.weekday() in self.days:
+                opens = dt.datetime.combine(day, dt.time(), zone) + dt.timedelta(minutes=start)
+                spans.append((opens.timestamp(), opens.timestamp() + length * 60))
+        return spans
+
+    def contains(self, ts: float) -> bool:
+        return any(a <= ts < b for a, b in self._spans(ts, 1, 0))
+
+    def next_open(self, ts: float) -> float | None:
+        return min((a for a, _ in self._spans(ts, 0, 7) if a > ts), default=None)
 
 
 class Approval(BaseModel):
@@ -77,6 +180,7 @@ class Policy(BaseModel):
         Gate(metric="psi", threshold=0.2),
         Gate(metric="health", threshold=0),
     )
+    windows: tuple[Window, ...] = Field((), description="when steps may be deployed; empty: any time")
     on_fail: Literal["rollback", "pause"] = "rollback"
     on_inconclusive: Literal["wait", "pause"] = "wait"
     inconclusive_timeout_s: float | None = Field(None, gt=0)
@@ -99,6 +203,14 @@ class Policy(BaseModel):
 
     def samples_for(self, gate: Gate) -> int:
         return gate.min_samples or self.min_samples
+
+    def in_window(self, ts: float) -> bool:
+        """May a step be deployed at ``ts``? Always, when the policy has no windows."""
+        return not self.windows or any(w.contains(ts) for w in self.windows)
+
+    def next_window(self, ts: float) -> float | None:
+        """When the next window opens after ``ts`` (None: no windows)."""
+        return min((t for w in self.windows if (t := w.next_open(ts)) is not None), default=None)
 
 
 def parse_policy(data: Any, *, source: str = "policy", **overrides: Any) -> Policy:

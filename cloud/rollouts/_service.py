@@ -19,6 +19,11 @@ canary cohort (prediction records of the candidate version) with the baseline co
 (the other targets) over the window since the step started, once ``min_dwell_s`` has
 passed. Devices registered after the start are not targeted.
 
+Feedback records (labels fed back by applications) give the accuracy gate its samples.
+A policy's maintenance ``windows`` hold every deployment (a step, a promotion, a
+blue/green flip) while the clock is outside them: the rollout stays ``promoting``, its
+``reason`` and ``result.waiting`` say until when; rollbacks are never held.
+
 Strategies: ``canary``/``phased`` follow the steps and promote on pass; ``ab`` keeps a
 fixed split (the first step), reports differences with confidence intervals and waits
 for a person's ``promote``; ``bluegreen`` preloads the candidate as the shadow of every
@@ -29,6 +34,7 @@ serves.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import time
@@ -59,12 +65,15 @@ E, S = RolloutEvent, RolloutState
 ENGINE = "engine"
 #: Gates each strategy evaluates (the rest of a policy's gates are ignored for it).
 STRATEGY_GATES: dict[str, set[str]] = {
-    "canary": {"latency_p95", "error_rate", "psi", "health"},
-    "phased": {"latency_p95", "error_rate", "psi", "health"},
+    "canary": {"latency_p95", "error_rate", "psi", "accuracy", "health"},
+    "phased": {"latency_p95", "error_rate", "psi", "accuracy", "health"},
     "ab": {"health"},
     "bluegreen": set(),
     "shadow": {"shadow_agreement", "health"},
 }
+
+#: Documents written between two commits of the deployment progress.
+DEPLOY_CHUNK = 50
 
 #: Gates that need no baseline cohort.
 NON_COMPARATIVE = {"health", "shadow_agreement"}
@@ -225,6 +234,8 @@ class RolloutService:
         with self.store.transaction() as tx:
             r = repo.get_rollout(tx, rid)
         if r.state is S.PROMOTING:
+            if not r.policy.in_window(self.clock()):
+                return self._wait_for_window(r)
             self._deploy_step(r)
             return 1
         if r.state is S.ROLLING_BACK:
@@ -234,6 +245,19 @@ class RolloutService:
             return self._judge(r)
         return 0
 
+    def _wait_for_window(self, r: repo.Rollout) -> int:
+        """Outside every maintenance window: keep ``promoting`` and say until when (audited once)."""
+        opens = r.policy.next_window(self.clock())
+        why = "outside the maintenance windows" + (f"; the next opens at {_utc(opens)}" if opens else "")
+        with self.store.transaction(write=True) as tx:
+            current = repo.get_rollout(tx, r.id, lock=True)
+            if current.state is not S.PROMOTING or (current.result.get("waiting") or {}).get("next_window") == opens:
+                return 0
+            waiting = {"why": "maintenance_window", "since": self.clock(), "next_window": opens}
+            self._move(tx, replace(current, result={**current.result, "waiting": waiting}), ENGINE, "wait_window",
+                       why, {"next_window": opens, "windows": [w.model_dump() for w in r.policy.windows]})
+        return 0
+
     def _deploy_step(self, r: repo.Rollout) -> None:
         percent = 100.0 if r.strategy == "bluegreen" else r.percent
         with self.store.transaction(write=True) as tx:
@@ -241,16 +265,20 @@ class RolloutService:
                        "AND cohort = 'baseline' AND bucket < ?", (r.step, r.id, round(percent * 100)))
             todo = tx.execute("SELECT device_id, previous_ref FROM rollout_devices WHERE rollout_id = ? "
                               "AND cohort = 'canary' AND deployed_at IS NULL ORDER BY device_id", (r.id,)).fetchall()
-        for device, previous in todo:
-            model, shadow = self._documents(r, previous)
-            revision = self._deploy(r, device, model, shadow)
-            with self.store.transaction(write=True) as tx:
-                tx.execute("UPDATE rollout_devices SET deployed_at = ?, revision = ? WHERE rollout_id = ? "
-                           "AND device_id = ?", (self.clock(), revision, r.id, device))
+        for start in range(0, len(todo), DEPLOY_CHUNK):
+            done = []
+            for device, previous in todo[start:start + DEPLOY_CHUNK]:
+                model, shadow = self._documents(r, previous)
+                done.append((self.clock(), self._deploy(r, device, model, shadow), r.id, device))
+            with self.store.transaction(write=True) as tx:  # a crash re-sends at most one chunk (idempotent)
+                for row in done:
+                    tx.execute("UPDATE rollout_devices SET deployed_at = ?, revision = ? WHERE rollout_id = ? "
+                               "AND device_id = ?", row)
         with self.store.transaction(write=True) as tx:
             current = repo.get_rollout(tx, r.id, lock=True)
             if current.state is S.PROMOTING:
-                self._move(tx, replace(current, state=S.RUNNING, step_started_at=self.clock()), ENGINE,
+                result = {k: v for k, v in current.result.items() if k != "waiting"}
+                self._move(tx, replace(current, state=S.RUNNING, step_started_at=self.clock(), result=result), ENGINE,
                            "step_started", f"step {r.step + 1}/{len(r.steps)} ({percent:g} %) deployed to "
                            f"{len(todo)} new device(s)", {"step": r.step, "percent": percent, "deployed": len(todo)})
 
@@ -276,13 +304,16 @@ class RolloutService:
         with self.store.transaction() as tx:
             todo = tx.execute("SELECT device_id, previous_ref FROM rollout_devices WHERE rollout_id = ? "
                               "AND cohort = 'canary' AND reverted = 0 ORDER BY device_id", (r.id,)).fetchall()
-        for device, previous in todo:
-            target = previous or r.baseline_ref
-            if target is not None:
-                self._deploy(r, device, target, None)
+        for start in range(0, len(todo), DEPLOY_CHUNK):
+            chunk = todo[start:start + DEPLOY_CHUNK]
+            for device, previous in chunk:
+                target = previous or r.baseline_ref
+                if target is not None:
+                    self._deploy(r, device, target, None)
             with self.store.transaction(write=True) as tx:
-                tx.execute("UPDATE rollout_devices SET reverted = 1 WHERE rollout_id = ? AND device_id = ?",
-                           (r.id, device))
+                for device, _ in chunk:
+                    tx.execute("UPDATE rollout_devices SET reverted = 1 WHERE rollout_id = ? AND device_id = ?",
+                               (r.id, device))
         with self.store.transaction(write=True) as tx:
             current = repo.get_rollout(tx, r.id, lock=True)
             if current.state is S.ROLLING_BACK:
@@ -403,7 +434,7 @@ class RolloutService:
             cohorts = dict(tx.execute("SELECT device_id, cohort FROM rollout_devices WHERE rollout_id = ?",
                                       (r.id,)).fetchall())
             rows = tx.execute("SELECT device_id, kind, ts, body FROM telemetry WHERE fleet = ? AND ts >= ? "
-                              "AND kind IN ('prediction', 'metrics', 'shadow') ORDER BY ts",
+                              "AND kind IN ('prediction', 'metrics', 'shadow', 'feedback') ORDER BY ts",
                               (r.fleet, r.step_started_at)).fetchall()
             states = {d.device_id: d.reported_state for d in tx.list_devices(r.fleet) if d.device_id in cohorts}
         samples = {"canary": CohortSamples(), "baseline": CohortSamples()}
@@ -419,6 +450,9 @@ class RolloutService:
                 top1 = (b.get("summary") or {}).get("top1")
                 if top1 is not None:
                     s.top1[int(top1)] += 1
+            elif kind == "feedback" and candidate == (cohort == "canary") and (ok := _correct(b)) is not None:
+                s.labeled += 1
+                s.correct += ok
             elif kind == "metrics":
                 counters[device].append((int(b["predictions_total"]), int(b["prediction_errors_total"])))
             elif kind == "shadow" and cohort == "canary" and b.get("shadow_version") == version and b.get("compared"):
@@ -462,6 +496,19 @@ def _policy_for(strategy: str, policy: Policy | dict[str, Any] | None, steps: Se
     if strategy == "ab" and (len(pol.steps) != 2 or pol.steps[-1] != 100):
         pol = parse_policy({**data, "steps": [pol.steps[0], 100] if pol.steps[0] < 100 else [50, 100]})
     return pol
+
+
+def _correct(feedback: dict[str, Any]) -> bool | None:
+    """Whether a feedback record says its prediction was right (``correct``, else label == predicted)."""
+    if feedback.get("correct") is not None:
+        return bool(feedback["correct"])
+    if feedback.get("label") is not None and feedback.get("predicted") is not None:
+        return str(feedback["label"]) == str(feedback["predicted"])
+    return None
+
+
+def _utc(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _active_ref(state: dict[str, Any] | None) -> str | None:
