@@ -380,3 +380,39 @@ def test_a_transient_failure_is_retried_but_never_over_a_newer_revision(
         agent._housekeeping()  # the scheduled retry must not bring revision 50 back
         time.sleep(0.5)
         assert agent.status()["applied_revision"] == 60 and agent.model.version == "2.0.0"
+
+
+def test_download_resumes_with_range_and_restarts_a_torn_partial(
+    broker: Broker, fleet: Fleet, models: dict[str, Path], tmp_path: Path
+) -> None:
+    import hashlib
+
+    from edgeml.updates._download import download
+
+    big = modelgen.build_onnx_mlp(tmp_path / "big.onnx", n_in=64, n_hidden=512, n_out=10, version="3.0.0")
+    meta = fleet.register(big, "3.0.0")
+    url = f"{fleet.coordinator.url}/v1/artifacts/{meta['sha256']}"
+    data = big.read_bytes()
+    kw = dict(size=len(data), sha256=meta["sha256"], max_bytes=1 << 30, timeout_s=10, retries=0, backoff_s=0)
+    requests: list[httpx.Request] = []
+    original = httpx.stream
+
+    def spy(method: str, url: str, **options: Any):  # the outermost edge: see which Range goes out
+        requests.append(httpx.Request(method, url, headers=options.get("headers")))
+        return original(method, url, **options)
+
+    httpx.stream = spy  # type: ignore[assignment]
+    try:
+        part = tmp_path / "a.part"
+        part.write_bytes(data[: len(data) // 2])  # a download cut in the middle
+        assert download(url, part, **kw) == meta["sha256"]
+        assert requests[-1].headers["Range"] == f"bytes={len(data) // 2}-"
+        assert part.read_bytes() == data
+
+        torn = tmp_path / "b.part"
+        torn.write_bytes(b"\0" * (len(data) // 3))  # a partial file with a torn (wrong) content
+        assert download(url, torn, **kw) == meta["sha256"]
+        assert "Range" not in requests[-1].headers  # started again from zero, once
+        assert hashlib.sha256(torn.read_bytes()).hexdigest() == meta["sha256"]
+    finally:
+        httpx.stream = original  # type: ignore[assignment]
