@@ -105,9 +105,15 @@ class Agent:
         if cfg.discovery.announce and self._api is not None:
             self._announce()
         self._running = True
+        from ._systemd import notify
+
+        notify("READY=1")
         return self
 
     def stop(self) -> None:
+        from ._systemd import notify
+
+        notify("STOPPING=1")
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
@@ -358,8 +364,26 @@ class Agent:
                           coalesce=True, max_instances=1)
         scheduler.add_job(self._housekeeping, "interval", seconds=tel.housekeeping_interval_s, id="housekeeping",
                           coalesce=True, max_instances=1)
+        from ._systemd import watchdog_interval
+
+        interval = watchdog_interval()
+        if interval is not None:
+            scheduler.add_job(self._watchdog, "interval", seconds=interval, id="watchdog", coalesce=True,
+                              max_instances=1)
         scheduler.start()
         self._scheduler = scheduler
+
+    def alive(self) -> bool:
+        """True while the threads the agent needs are running (what the watchdog vouches for)."""
+        buffer, sync = self._buffer, self._sync
+        threads = [getattr(buffer, "_thread", None), getattr(sync, "_thread", None)]
+        return self._running and all(t is None or t.is_alive() for t in threads)
+
+    def _watchdog(self) -> None:
+        from ._systemd import notify
+
+        if self.alive():
+            notify("WATCHDOG=1")
 
     def _housekeeping(self) -> None:
         if self._buffer is not None:
