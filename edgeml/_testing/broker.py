@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -42,6 +43,10 @@ class MosquittoBroker:
             "max_inflight_messages 0\n"
             "log_dest stderr\n"
             "log_type error\n"
+            # as root, Mosquitto switches to the 'mosquitto' user, which cannot write the
+            # persistence file into our private directory: sessions would silently not
+            # survive a broker restart. Stay root (the setting is ignored for other users).
+            + ("user root\n" if os.geteuid() == 0 else "")
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
