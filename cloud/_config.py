@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from edgeml._config import _merge, _read_yaml, parse_broker_url, parse_host_port
+from edgeml._config import _merge, _read_yaml, describe_error, parse_broker_url, parse_host_port
 from edgeml._exceptions import ConfigError as _AgentConfigError
 
 from ._exceptions import ConfigError
@@ -197,10 +197,4 @@ def load_cloud_config(path: str | os.PathLike[str] | None = None, env: Mapping[s
     try:
         return CloudConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        reason = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            reason = "unknown setting"
-        where = f" (from {origin[key]})" if key in origin else ""
-        raise InvalidSetting(key, reason + where) from None
+        raise InvalidSetting(*describe_error(exc, origin)) from None

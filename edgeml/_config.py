@@ -239,13 +239,18 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        reason = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            reason = "unknown setting"
-        where = f" (from {origin[key]})" if key in origin else ""
-        raise ConfigError(key, reason + where) from None
+        raise ConfigError(*describe_error(exc, origin)) from None
+
+
+def describe_error(exc: ValidationError, origin: Mapping[str, str]) -> tuple[str, str]:
+    """(dotted key, reason) of the first error, naming the variable a value came from."""
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    reason = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        reason = "unknown setting"
+    where = f" (from {origin[key]})" if key in origin else ""
+    return key, reason + where
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
