@@ -66,6 +66,7 @@ class ShadowRunner:
         self._count = 0
         self._lock = threading.Lock()
         self._stats = ShadowStats()
+        self._busy = False  # set before an item leaves the queue, cleared once it is counted
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="edgeml-shadow", daemon=True)
@@ -88,6 +89,7 @@ class ShadowRunner:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
+            self._busy = True
             feeds, primary, outputs, primary_latency = self._queue.popleft()
             t0 = time.perf_counter()
             try:
@@ -99,6 +101,8 @@ class ShadowRunner:
                 with self._lock:
                     self._stats.errors += 1
                 log.debug("shadow model failed: %s", exc)
+            finally:
+                self._busy = False
             if self.cpu_share < 1.0:  # bound the shadow's CPU: sleep in proportion to its work
                 self._stop.wait(elapsed * (1 - self.cpu_share) / self.cpu_share)
 
@@ -119,7 +123,7 @@ class ShadowRunner:
     def drain(self, timeout: float = 5.0) -> None:
         """Wait until every queued comparison is done (for reports and tests)."""
         deadline = time.monotonic() + timeout
-        while self._queue and time.monotonic() < deadline:
+        while (self._queue or self._busy) and time.monotonic() < deadline:
             time.sleep(0.005)
 
     def take_stats(self) -> dict[str, Any] | None:
