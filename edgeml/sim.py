@@ -17,8 +17,11 @@ Labels: each prediction gets a true label that equals the model's top1 with the
 version's probability (``Faults.accuracy``, default 0.9), otherwise another class; a
 ``feedback`` record (what the agent's ``POST /v1/feedback`` produces) is sent for a
 fraction ``feedback_rate`` of the predictions. A desired state naming a ``shadow``
-model makes the device fetch it (shared) and report it as ``shadow`` in its state: a
-blue/green preload is observable (the shadow is not run). ``start(offline=[...])``
+model makes the device fetch it (shared), report it as ``shadow`` in its state (a
+blue/green preload is observable) and run it beside the model on a fraction
+``shadow_rate`` of the predictions, like the agent's shadow mode: each metrics tick
+sends a ``shadow`` record (top-1 agreement, primary and shadow latency; knob
+``Faults.shadow_disagreement``). ``start(offline=[...])``
 leaves devices unconnected until :meth:`Simulator.connect`.
 """
 
@@ -64,6 +67,7 @@ class Faults:
     service_time_us: float = 0.0  # a device's own inference time (median of a lognormal, sigma 0.25), added
     accuracy: dict[str, float] = field(default_factory=dict)  # version ("*" = all) -> P(label == top1)
     drift: float = 0.0  # added to every input value
+    shadow_disagreement: dict[str, float] = field(default_factory=dict)  # shadow version -> P(top1 differs)
     disconnect_rate: float = 0.0  # per device and second
 
     def latency(self, version: str) -> float:
@@ -115,7 +119,8 @@ class SimDevice:
         self.topics = Topics(sim.fleet, device_id)
         self.device_id = device_id
         self.model = model
-        self.shadow: LoadedModel | None = None  # preloaded (blue/green), reported, not run
+        self.shadow: LoadedModel | None = None  # shadow mode or blue/green preload: run beside the model
+        self.shadow_stats: list[tuple[float, float, bool]] = []  # (primary µs, shadow µs, top1 agreed)
         self.wanted = True  # should be connected (False: offline until Simulator.connect)
         self.stream = hashlib.sha256(f"{sim.run_id}:{device_id}".encode()).hexdigest()[:32]
         self.next_seq = 1
@@ -165,7 +170,10 @@ class SimDevice:
                 return
             self.applied_revision = doc["revision"]
             model_ref, shadow_ref = doc.get("model"), doc.get("shadow")
-            self.shadow = self.sim.models.fetch(shadow_ref) if shadow_ref else None
+            shadow = self.sim.models.fetch(shadow_ref) if shadow_ref else None
+            if shadow is not self.shadow:
+                self.shadow_stats.clear()
+            self.shadow = shadow
             if model_ref and model_ref.get("sha256") != self.model.info.sha256:
                 self.model = self.sim.models.fetch(model_ref)
                 self.event("update_state", {"state": "idle", "result": "success", "revision": doc["revision"]})
@@ -209,8 +217,26 @@ class SimDevice:
         self._record({"kind": "prediction", "model": model.name, "version": model.version,
                       "latency_us": round(latency, 2), "batch": 1, "summary": summary})
         top1 = summary.get("top1")
+        if self.shadow is not None and self.sim.shadow_rate and rng.random() < self.sim.shadow_rate:
+            self._shadow(rng, {spec.name: x}, latency, top1)
         if top1 is not None and rng.random() < self.sim.feedback_rate:
             self._feedback(rng, int(top1), int(np.asarray(out).shape[-1]))
+
+    def _shadow(self, rng: np.random.Generator, feeds: dict[str, np.ndarray], primary_us: float,
+                top1: int | None) -> None:
+        """Run the shadow on the same input, like the agent's shadow worker (outputs never served)."""
+        shadow, faults = self.shadow, self.sim.faults
+        assert shadow is not None
+        t0 = time.perf_counter()
+        out = shadow.runtime.run(feeds)[shadow.first_output]
+        latency = (time.perf_counter() - t0) * 1e6
+        if faults.service_time_us:
+            latency += faults.service_time_us * float(np.exp(0.25 * rng.standard_normal()))
+        latency = latency * faults.factor(shadow.version) + faults.latency(shadow.version)
+        agreed = top1 is not None and int(np.asarray(out).reshape(-1).argmax()) == top1
+        if agreed and rng.random() < faults.shadow_disagreement.get(shadow.version, 0.0):
+            agreed = False
+        self.shadow_stats.append((primary_us, latency, agreed))
 
     def _feedback(self, rng: np.random.Generator, top1: int, classes: int) -> None:
         """The application's label: right with the version's accuracy, else another class."""
@@ -222,6 +248,18 @@ class SimDevice:
                       "predicted": top1, "correct": label == top1})
 
     def metrics(self) -> None:
+        if self.shadow is not None and self.shadow_stats:
+            primary, shadow, agreed = (np.asarray(v, dtype=float) for v in zip(*self.shadow_stats, strict=True))
+            self.shadow_stats.clear()
+
+            def lat(values: np.ndarray) -> dict[str, float]:
+                return {"mean": round(float(values.mean()), 3), "p95": round(float(np.percentile(values, 95)), 3)}
+
+            self._record({"kind": "shadow", "model": self.model.name, "version": self.model.version,
+                          "shadow_model": self.shadow.name, "shadow_version": self.shadow.version,
+                          "compared": int(agreed.size), "top1_agreement": round(float(agreed.mean()), 6),
+                          "mean_abs_diff": None, "latency_us_primary": lat(primary),
+                          "latency_us_shadow": lat(shadow), "errors": 0, "skipped": 0})
         self._record({"kind": "metrics", "cpu_percent": 0.0, "rss_bytes": 0, "uptime_s": 0.0,
                       "predictions_total": self.predictions, "prediction_errors_total": self.errors,
                       "buffer_records": len(self.pending), "buffer_bytes": 0, "dropped_total": 0, "dropped": {}})
@@ -244,7 +282,7 @@ class Simulator:
     def __init__(self, broker_url: str, model_path: Path, *, devices: int, fleet: str = "sim",
                  rate: float = 1.0, workdir: Path, faults: Faults | None = None,
                  public_keys: Any = None, tags: Callable[[int], dict[str, str]] | None = None,
-                 seed: int = 0, feedback_rate: float = 0.1) -> None:
+                 seed: int = 0, feedback_rate: float = 0.1, shadow_rate: float = 1.0) -> None:
         from ._config import parse_broker_url
 
         self.broker = parse_broker_url(broker_url)
@@ -252,6 +290,7 @@ class Simulator:
         self.rate = rate
         self.faults = faults or Faults()
         self.feedback_rate = feedback_rate  # fraction of predictions whose label is fed back
+        self.shadow_rate = shadow_rate  # fraction of predictions also run through a shadow model
         self.public_keys = public_keys
         self.run_id = f"{seed}"
         self.models = _Models(workdir / "models")

@@ -162,8 +162,9 @@ def overall(verdicts: Sequence[Verdict]) -> str:
 
 
 def ab_report(canary: CohortSamples, baseline: CohortSamples, confidence: float, min_samples: int) -> dict[str, Any]:
-    """A/B: differences (B = candidate minus A = current) with confidence intervals; a winner
-    only when the interval excludes zero."""
+    """A/B: differences (B = candidate minus A = current) of mean latency, error rate and
+    accuracy (labeled feedback) with confidence intervals; a metric names a winner only when
+    its interval excludes zero, and the report names one only when no metric disagrees."""
     report: dict[str, Any] = {"confidence": confidence}
     c, b = np.asarray(canary.latencies), np.asarray(baseline.latencies)
     if min(c.size, b.size) >= max(min_samples, 2):
@@ -176,6 +177,12 @@ def ab_report(canary: CohortSamples, baseline: CohortSamples, confidence: float,
         winner = "candidate" if hi < 0 else "current" if lo > 0 else None
         report["error_rate"] = {"difference": diff, "ci": [lo, hi], "samples": [canary.trials, baseline.trials],
                                 "winner": winner}
+    if min(canary.labeled, baseline.labeled) >= min_samples:  # higher is better here
+        diff, lo, hi = proportion_diff_ci(canary.correct, canary.labeled, baseline.correct, baseline.labeled,
+                                          confidence)
+        winner = "candidate" if lo > 0 else "current" if hi < 0 else None
+        report["accuracy"] = {"difference": diff, "ci": [lo, hi], "samples": [canary.labeled, baseline.labeled],
+                              "winner": winner}
     winners = {m["winner"] for m in report.values() if isinstance(m, dict) and m.get("winner")}
     report["winner"] = winners.pop() if len(winners) == 1 else None
     return report

@@ -433,9 +433,12 @@ class RolloutService:
         with self.store.transaction() as tx:
             cohorts = dict(tx.execute("SELECT device_id, cohort FROM rollout_devices WHERE rollout_id = ?",
                                       (r.id,)).fetchall())
-            rows = tx.execute("SELECT device_id, kind, ts, body FROM telemetry WHERE fleet = ? AND ts >= ? "
-                              "AND kind IN ('prediction', 'metrics', 'shadow', 'feedback') ORDER BY ts",
-                              (r.fleet, r.step_started_at)).fetchall()
+            # only this rollout's devices, through the (fleet, device_id, ts) index: the cost
+            # follows the rollout's targets, not the whole fleet's traffic
+            rows = tx.execute("SELECT t.device_id, t.kind, t.ts, t.body FROM rollout_devices rd "
+                              "JOIN telemetry t ON t.fleet = ? AND t.device_id = rd.device_id AND t.ts >= ? "
+                              "WHERE rd.rollout_id = ? AND t.kind IN ('prediction', 'metrics', 'shadow', 'feedback') "
+                              "ORDER BY t.ts", (r.fleet, r.step_started_at, r.id)).fetchall()
             states = {d.device_id: d.reported_state for d in tx.list_devices(r.fleet) if d.device_id in cohorts}
         samples = {"canary": CohortSamples(), "baseline": CohortSamples()}
         counters: dict[str, list[tuple[int, int]]] = defaultdict(list)

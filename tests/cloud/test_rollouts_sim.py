@@ -274,3 +274,27 @@ def test_blue_green_preloads_everywhere_flips_and_flips_back(make_site: Any) -> 
     done = site.wait_state(rid, "rolled_back")
     assert [a["action"] for a in done["audit"]] == ["start", "step_started", "promote", "step_started", "complete",
                                                      "rollback", "rolled_back"]
+
+
+def test_shadow_rollout_reports_agreement_and_latency_before_anyone_serves_it(make_site: Any) -> None:
+    # 1.1.0 agrees with the serving model and is 30 % slower; 2.0.0 disagrees on a fifth of the inputs
+    site: SimSite = make_site(Faults(latency_factor={"1.1.0": 1.3}, shadow_disagreement={"2.0.0": 0.2},
+                                     service_time_us=2000.0))
+    policy = {"min_dwell_s": 1, "min_samples": 300, "confidence": 0.95,
+              "gates": [{"metric": "shadow_agreement", "threshold": 0.95}, {"metric": "health", "threshold": 0}]}
+    good = site.wait_state(site.rollout("mlp@1.1.0", "shadow", [20], policy), "completed", "rolled_back", "paused")
+    assert good["state"] == "completed", good["reason"]
+    verdict = next(v for v in good["verdicts"] if v["gate"] == "shadow_agreement")
+    ev = verdict["evidence"]
+    assert verdict["verdict"] == "pass" and ev["agreement"] == 1.0 and ev["samples"]["canary"] >= 300
+    shadow_p95, primary_p95 = ev["latency_p95_us"]["shadow"], ev["latency_p95_us"]["primary"]
+    assert 1.1 < shadow_p95 / primary_p95 < 1.6  # the shadow's measured cost, before it serves anyone
+    assert site.versions() == {"1.0.0": N}  # nobody served the candidate
+
+    bad = site.wait_state(site.rollout("mlp@2.0.0", "shadow", [20], policy), "rolled_back", "completed", "paused")
+    assert bad["state"] == "rolled_back", bad["reason"]
+    verdict = next(v for v in bad["verdicts"] if v["gate"] == "shadow_agreement")
+    assert verdict["verdict"] == "fail" and 0.7 < verdict["evidence"]["agreement"] < 0.9
+    assert verdict["evidence"]["upper_bound"] < 0.95
+    wait_until(lambda: site.sim.stats()["shadows"] == {}, 20, what="the shadow removed from the cohort")
+    assert site.versions() == {"1.0.0": N}

@@ -137,3 +137,14 @@ def test_ab_report_declares_a_winner_only_when_significant() -> None:
     assert same["latency_mean_us"]["ci"][0] < 0 < same["latency_mean_us"]["ci"][1] and same["winner"] is None
     faster = ab_report(_cohort(rng, 500, scale=0.8), _cohort(rng, 500), 0.95, 100)
     assert faster["latency_mean_us"]["winner"] == "candidate"
+
+
+def test_ab_report_compares_accuracy_from_feedback() -> None:
+    better = ab_report(CohortSamples(labeled=2000, correct=1900), CohortSamples(labeled=2000, correct=1780), 0.95, 100)
+    acc = better["accuracy"]
+    assert acc["winner"] == "candidate" and acc["ci"][0] > 0 and abs(acc["difference"] - 0.06) < 1e-9
+    assert better["winner"] == "candidate"
+    tie = ab_report(CohortSamples(labeled=300, correct=270), CohortSamples(labeled=300, correct=272), 0.95, 100)
+    assert tie["accuracy"]["winner"] is None and tie["accuracy"]["ci"][0] < 0 < tie["accuracy"]["ci"][1]
+    few = ab_report(CohortSamples(labeled=50, correct=50), CohortSamples(labeled=50, correct=10), 0.95, 100)
+    assert "accuracy" not in few and few["winner"] is None
