@@ -351,7 +351,28 @@ class RolloutService:
                 return 0  # a command got there first
             current = replace(current, result={**current.result, "last_evaluation": {
                 "ts": self.clock(), **evidence, "verdicts": [{"gate": v.gate, "verdict": v.verdict, "evidence": v.evidence} for v in results]}})
-            return self._act(tx, current, decision, results, evidence)
+            moved = self._act(tx, current, decision, results, evidence)
+        if moved and r.strategy == "shadow" and decision == PASS:
+            self._remove_shadow(r)
+        return moved
+
+    def _remove_shadow(self, r: repo.Rollout) -> None:
+        """A passed shadow rollout stops the shadow on its cohort (it has said what it had to say)."""
+        with self.store.transaction() as tx:
+            todo = tx.execute("SELECT device_id, previous_ref FROM rollout_devices WHERE rollout_id = ? "
+                              "AND cohort = 'canary' AND reverted = 0 ORDER BY device_id", (r.id,)).fetchall()
+        for start in range(0, len(todo), DEPLOY_CHUNK):
+            chunk = todo[start:start + DEPLOY_CHUNK]
+            for device, previous in chunk:
+                if (target := previous or r.baseline_ref) is not None:
+                    self._deploy(r, device, target, None)
+            with self.store.transaction(write=True) as tx:
+                for device, _ in chunk:
+                    tx.execute("UPDATE rollout_devices SET reverted = 1 WHERE rollout_id = ? AND device_id = ?",
+                               (r.id, device))
+        with self.store.transaction(write=True) as tx:
+            repo.audit(tx, ENGINE, "shadow_removed", r.id, f"shadow {r.model_ref} stopped on {len(todo)} device(s)",
+                       {"devices": len(todo)})
 
     def _act(self, tx: Transaction, r: repo.Rollout, decision: str, results: list[Any],
              evidence: dict[str, Any]) -> int:
