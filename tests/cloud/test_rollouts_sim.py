@@ -290,7 +290,9 @@ def test_shadow_rollout_reports_agreement_and_latency_before_anyone_serves_it(ma
     shadow_p95, primary_p95 = ev["latency_p95_us"]["shadow"], ev["latency_p95_us"]["primary"]
     assert 1.1 < shadow_p95 / primary_p95 < 1.6  # the shadow's measured cost, before it serves anyone
     assert site.versions() == {"1.0.0": N}  # nobody served the candidate
-    assert "shadow_removed" in [a["action"] for a in site.http.get(f"/v1/rollouts/{good['id']}").json()["audit"]]
+    wait_until(lambda: "shadow_removed" in [a["action"] for a in
+                                            site.http.get(f"/v1/rollouts/{good['id']}").json()["audit"]],
+               20, what="the shadow's removal audited")
     wait_until(lambda: site.sim.stats()["shadows"] == {}, 20, what="the passed shadow stopped")
 
     bad = site.wait_state(site.rollout("mlp@2.0.0", "shadow", [20], policy), "rolled_back", "completed", "paused")
