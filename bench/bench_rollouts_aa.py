@@ -168,7 +168,7 @@ def main() -> int:
                             progress=lambda m: print(m, file=sys.stderr, flush=True))
         finally:
             broker.stop()
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report))
     return 0 if report["false_rollback_rate"] <= 0.05 else 1
 
 
