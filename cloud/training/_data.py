@@ -8,8 +8,9 @@ writes ``<hex>.npz`` under the datasets directory; :func:`load_snapshot` reads i
 and checks the hash, so a model's ``dataset_hash`` leads to the exact training set.
 
 Fleet rows come from the store: a feedback record with ``inputs`` is a labeled sample;
-a feedback record without inputs takes the inputs of the newest sample record of the
-same device and model at most ``join_window_s`` older (the prediction it answers).
+a feedback record with a ``prediction_id`` takes the inputs of the sample record of
+that prediction (none sampled: no row); one with neither takes the inputs of the newest
+sample record of the same device and model at most ``join_window_s`` older.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 
 from .._exceptions import InvalidInput, NotFound
 from ..store import Store, TelemetryRow
-from ._recipe import FleetSource, SklearnSource
+from ._recipe import FleetSource, SensorSource, SklearnSource
 
 __all__ = ["Snapshot", "build_snapshot", "load_snapshot", "save_snapshot", "snapshot_hash"]
 
@@ -77,12 +78,14 @@ def _make(x: np.ndarray, y: np.ndarray, ts: np.ndarray, device: np.ndarray, sour
     return Snapshot(x, y, ts, device, tuple(sources), snapshot_hash(x, y, ts, device))
 
 
-def build_snapshot(sources: Sequence[SklearnSource | FleetSource], store: Store | None = None) -> Snapshot:
+def build_snapshot(sources: Sequence[SklearnSource | FleetSource | SensorSource], store: Store | None = None) -> Snapshot:
     """Materialize every source and concatenate them in recipe order."""
     parts = []
     for source in sources:
         if isinstance(source, SklearnSource):
             parts.append(_sklearn(source))
+        elif isinstance(source, SensorSource):
+            parts.append(_sensor(source))
         else:
             if store is None:
                 raise InvalidInput("a fleet data source needs the coordinator's store")
@@ -106,6 +109,15 @@ def _sklearn(source: SklearnSource) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     bunch = getattr(datasets, f"load_{source.dataset}")()
     n = len(bunch.target)
     return bunch.data, bunch.target, np.full(n, np.nan), np.full(n, ""), f"sklearn:{source.dataset}"
+
+
+def _sensor(source: SensorSource) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    from edgeml._testing.sensor import SensorStream
+
+    stream = SensorStream(features=source.features, classes=source.classes, seed=source.seed)
+    x, y = stream.sample(source.rows, drift=source.drift, rng=source.sample_seed)
+    name = f"sensor:seed={source.seed},drift={source.drift:g},rows={source.rows}"
+    return x, y, np.full(source.rows, np.nan), np.full(source.rows, ""), name
 
 
 def _tensor(inputs: Any, name: str | None) -> list[float] | None:
@@ -173,15 +185,27 @@ def _records(store: Store, source: FleetSource, device: str, kind: str) -> list[
 def _join(
     source: FleetSource, device: str, feedback: Iterable[TelemetryRow], samples: Sequence[TelemetryRow],
 ) -> list[tuple[list[float], int, float, str]]:
-    """Labeled rows of one device, in (ts, stream, seq) order; each sample used at most once."""
+    """Labeled rows of one device, in (ts, stream, seq) order; each sample used at most once.
+
+    Feedback naming a ``prediction_id`` takes the sample record of that prediction (same
+    stream); without one, the newest earlier sample within ``join_window_s``."""
     used: set[int] = set()
+    by_id = {(s.stream, s.body["prediction_id"]): i for i, s in enumerate(samples)
+             if isinstance(s.body.get("prediction_id"), str)}
     out = []
     for fb in feedback:
         label = _label(fb.body.get("label"))
         if label is None or label < 0:
             continue
         features = _tensor(fb.body.get("inputs"), source.input)
-        if features is None:
+        pid = fb.body.get("prediction_id")
+        if features is None and isinstance(pid, str):
+            i = by_id.get((fb.stream, pid))
+            if i is None or i in used:
+                continue  # its prediction was not sampled: no inputs to learn from
+            used.add(i)
+            features = _tensor(samples[i].body.get("inputs"), source.input)
+        elif features is None:
             features = _nearest_sample(source, fb, samples, used)
         if features is not None and all(math.isfinite(v) for v in features):
             out.append((features, label, fb.ts, device))

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .._exceptions import CloudError
+from ..drift import build_reference
 from ..store import Store
 from ._data import Snapshot, build_snapshot, save_snapshot
 from ._quantize import Evaluation, evaluate, gate, interleaved_latency, probabilities, quantize
@@ -82,16 +83,23 @@ def tflite_status() -> dict[str, Any]:
 def train(
     recipe: Recipe, *, workdir: str | os.PathLike[str], store: Store | None = None, registry: Any = None,
     version: str | None = None, parent: str | None = None, progress: Progress | None = None,
+    run_id: str | None = None, lineage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run ``recipe``; return the run's result document (also stored when ``store`` is given)."""
+    """Run ``recipe``; return the run's result document (also stored when ``store`` is given).
+
+    ``run_id``: a run already started with :meth:`RunStore.start` (the REST API answers
+    with its id before the run begins); ``lineage``: more keys for the registered
+    versions' lineage (``trigger``: why continuous training started this run)."""
     from . import _torch
 
     say = progress or (lambda _msg: None)
     runs = RunStore(store) if store is not None else None
     code = code_version()
-    if runs is not None:
+    if runs is not None and run_id is None:
         run_id = runs.start(recipe.name, recipe.as_json(), recipe.digest(), code)
-    else:
+    elif runs is not None:
+        runs.set_code_version(run_id, code)
+    elif run_id is None:
         run_id = f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-local"
     workdir = Path(workdir)
     run_dir = workdir / "runs" / run_id
@@ -121,7 +129,7 @@ def train(
             "run_id": run_id, "name": recipe.name, "recipe_sha256": recipe.digest(), "code_version": code,
             "dataset": snapshot.summary(), "split": {"train": len(train_idx), "test": len(test_idx)},
             "training_seconds": train_seconds, "epochs": [m.as_json() for m in trained.epochs],
-            "weights_sha256": _torch.weights_hash(trained.model),
+            "weights_sha256": _torch.weights_hash(trained.model), "lineage": dict(lineage or {}),
         })
         result["registered"] = _register(recipe, registry, result, version, parent or recipe.parent) if registry else []
     except (CloudError, ValueError, OSError, RuntimeError) as exc:
@@ -150,7 +158,10 @@ def _export_and_gate(
         raise TrainingError(f"the ONNX export disagrees with torch: max |dp| {onnx_diff:.2e} > {ONNX_TOLERANCE}")
     q = recipe.quantization
     float_eval = evaluate(float_path, x_te, y_te, method="float", repeats=q.latency_repeats)
+    reference = build_reference(x_tr, probabilities(float_path, x_tr).argmax(axis=1), input_name=_torch.INPUT_NAME,
+                                classes=int(snapshot.y.max()) + 1)
     result: dict[str, Any] = {
+        "drift_reference": reference,
         "float": float_eval.as_json(), "onnx_max_abs_diff": onnx_diff, "int8": None, "int8_candidates": [],
         "tflite": tflite_status() if recipe.export.tflite else {"status": "disabled", "reason": "export.tflite is false"},
         "artifacts": {"onnx_float": str(float_path)},
@@ -217,6 +228,7 @@ def _register(recipe: Recipe, registry: Any, result: dict[str, Any], version: st
     lineage = {
         "run_id": result["run_id"], "recipe": recipe.as_json(), "recipe_sha256": result["recipe_sha256"],
         "code_version": result["code_version"], "dataset": result["dataset"], "weights_sha256": result["weights_sha256"],
+        "drift_reference": result["drift_reference"], **result.get("lineage", {}),
     }
     flt = result["float"]
     float_metrics = {"accuracy": flt["accuracy"], "loss": result["epochs"][-1]["loss"],

@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ._torch import INPUT_NAME
+#: The exported graph's input (``_torch.INPUT_NAME``; not imported from there: reading a
+#: model's figures needs onnxruntime, not torch).
+INPUT_NAME = "input"
 
 __all__ = ["Evaluation", "GateDecision", "evaluate", "gate", "quantize"]
 

@@ -3,10 +3,12 @@
     recipe = load_recipe("configs/recipes/digits-mlp.yaml")   # InvalidRecipe names the bad key
     recipe.training.seed, recipe.model.hidden, recipe.quantization.margin
 
-A data source is ``"sklearn:digits"`` (a dataset that ships inside scikit-learn) or a
-mapping ``{type: fleet, fleet: F, model: N, ...}``: labeled samples captured on devices
-(feedback records that carry inputs, or feedback joined to the sample record just
-before it on the same device). configs/recipes/digits-mlp.yaml documents every key.
+A data source is ``"sklearn:digits"`` (a dataset that ships inside scikit-learn),
+``{type: sensor, rows: N, drift: D}`` (the synthetic sensor stream of
+:mod:`edgeml._testing.sensor`), or a mapping ``{type: fleet, fleet: F, model: N, ...}``:
+labeled samples captured on devices (feedback records that carry inputs, or feedback
+joined to its sample record by ``prediction_id``, else to the sample just before it on
+the same device). configs/recipes/digits-mlp.yaml documents every key.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "ModelSettings",
     "QuantizationSettings",
     "Recipe",
+    "SensorSource",
     "SklearnSource",
     "TrainingSettings",
     "load_recipe",
@@ -85,7 +88,19 @@ class FleetSource(_Frozen):
     max_rows: int = Field(1_000_000, ge=1)
 
 
-Source = Annotated[SklearnSource | FleetSource, Field(discriminator="type")]
+class SensorSource(_Frozen):
+    """Rows of the synthetic sensor stream (edgeml._testing.sensor), labeled with its ground truth."""
+
+    type: Literal["sensor"] = "sensor"
+    rows: int = Field(2000, ge=10, le=10_000_000)
+    drift: float = Field(0.0, description="Drift of the generated readings (0: the undrifted stream).")
+    features: int = Field(8, ge=1, le=4096)
+    classes: int = Field(3, ge=2, le=1000)
+    seed: int = Field(0, ge=0, description="Seed of the stream (its class means and drift direction).")
+    sample_seed: int = Field(1, ge=0, description="Seed of the rows drawn from it.")
+
+
+Source = Annotated[SklearnSource | FleetSource | SensorSource, Field(discriminator="type")]
 
 
 class DataSettings(_Frozen):
@@ -101,8 +116,12 @@ class DataSettings(_Frozen):
         for item in v:
             if isinstance(item, str):
                 kind, _, name = item.partition(":")
+                if item == "sensor":
+                    item = {"type": "sensor"}
+                    out.append(item)
+                    continue
                 if kind != "sklearn" or name not in SKLEARN_DATASETS:
-                    raise ValueError(f"{item!r}: a string source is sklearn:NAME with NAME in {SKLEARN_DATASETS}")
+                    raise ValueError(f"{item!r}: a string source is sensor, or sklearn:NAME with NAME in {SKLEARN_DATASETS}")
                 item = {"type": "sklearn", "dataset": name}
             out.append(item)
         if not out:

@@ -90,6 +90,10 @@ class RunStore:
             )
         return run_id
 
+    def set_code_version(self, run_id: str, code_version: Mapping[str, Any]) -> None:
+        with self.store.transaction(write=True) as tx:
+            tx.execute("UPDATE training_runs SET code_version = ? WHERE run_id = ?", (_dumps(dict(code_version)), run_id))
+
     def set_dataset(self, run_id: str, digest: str, summary: Mapping[str, Any], path: str) -> None:
         with self.store.transaction(write=True) as tx:
             tx.execute("UPDATE training_runs SET dataset_hash = ? WHERE run_id = ?", (digest, run_id))

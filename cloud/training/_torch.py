@@ -24,7 +24,7 @@ from ._recipe import Recipe
 
 __all__ = ["EpochMetrics", "Standardize", "TrainedModel", "build_model", "predict", "train_model", "weights_hash"]
 
-INPUT_NAME = "input"
+INPUT_NAME = "input"  # also cloud.training._quantize.INPUT_NAME
 OUTPUT_NAME = "probs"
 
 
