@@ -191,3 +191,32 @@ def test_a_real_agent_and_coordinator_over_mqtts(
         coordinator.stop()
     log = tls_broker.log.read_text(errors="replace")
     assert "u'dev-1'" in log and "u'edgeml-coordinator'" in log  # identities came from the certificates
+
+
+def test_ca_commands_issue_revoke_and_refuse_reserved_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from edgeml.cli import main
+
+    ca, dev = tmp_path / "ca", tmp_path / "dev-7"
+    assert main(["ca", "init", "--out", str(ca)]) == 0
+    assert main(["devices", "enroll", "dev-7", "--ca", str(ca), "--out", str(dev)]) == 0
+    assert (dev / "dev-7.key").stat().st_mode & 0o777 == 0o600
+    cert = x509.load_pem_x509_certificate((dev / "dev-7.crt").read_bytes())
+    issuer = x509.load_pem_x509_certificate((ca / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(issuer)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "dev-7"
+    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH]
+    # the coordinator's name cannot be taken by a device; a topic wildcard is not an id
+    for bad in ("edgeml-coordinator", "edgeml-broker", "dev/+", "#"):
+        assert main(["devices", "enroll", bad, "--ca", str(ca), "--out", str(tmp_path / "x")]) == 2
+    assert main(["devices", "enroll", "dev-7", "--ca", str(ca), "--out", str(dev)]) == 1  # no silent overwrite
+    assert main(["devices", "revoke", "dev-7", "--ca", str(ca)]) == 0
+    crl = x509.load_pem_x509_crl((ca / "crl.pem").read_bytes())
+    assert crl.is_signature_valid(issuer.public_key())
+    assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+    assert main(["devices", "revoke", "dev-unknown", "--ca", str(ca)]) == 2
+    assert main(["devices", "enroll", "dev-8", "--ca", str(tmp_path / "nowhere"), "--out", str(dev)]) == 2
+    assert "edgeml ca init" in capsys.readouterr().err
