@@ -55,10 +55,27 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
     sim.add_argument("--fleet", default="sim", help="fleet id (default sim)")
 
-    demo = sub.add_parser("demo", help="run a local agent with a model and a broker, end to end")
-    demo.add_argument("--predictions", type=int, default=2000, help="predictions to make (default 2000)")
-    demo.add_argument("--broker", metavar="URL", help="use this broker instead of starting one")
-    demo.add_argument("--headless", action="store_true", help="plain output; exit 0 only if every check passed")
+    demo = sub.add_parser("demo", help="the whole loop on this machine: broker, coordinator, console, devices, "
+                                       "training, a bad canary rolled back, drift, retraining, a canary promoted")
+    demo.add_argument("--devices", type=int, default=20, help="device agents (default 20)")
+    demo.add_argument("--duration", type=float, help="after the stages, keep the fleet and console up this "
+                                                     "many seconds (default: until Ctrl-C)")
+    demo.add_argument("--headless", action="store_true", help="plain output, exit after the stages: 0 only if "
+                                                              "every stage happened (CI)")
+    demo.add_argument("--port", type=int, default=8480, help="console/API port (default 8480; busy: a free one)")
+    demo.add_argument("--rate", type=float, default=10.0, help="predictions per second per device (default 10)")
+    demo.add_argument("--workdir", metavar="DIR", help="keep the demo's data here (default: a temporary dir)")
+    demo.add_argument("--outage", action="store_true", help="the small demo instead: one agent, a broker outage, "
+                                                            "every telemetry record checked at a subscriber")
+    demo.add_argument("--predictions", type=int, default=2000, help="--outage: predictions to make (default 2000)")
+    demo.add_argument("--broker", metavar="URL", help="--outage: use this broker instead of starting one")
+
+    try:  # hil: hardware-in-the-loop scenarios (hil/cli.py; light until a scenario runs)
+        from hil.cli import register as register_hil
+    except ImportError:
+        pass
+    else:
+        register_hil(sub)
     return parser
 
 
@@ -90,10 +107,23 @@ def main(argv: list[str] | None = None) -> int:
             from .sim import run_sim
 
             return run_sim(args.devices, args.broker, args.model, args.rate, args.duration, args.fleet)
-        if args.command == "demo":
-            from ._demo import run_demo
+        if args.command == "hil":
+            from hil.cli import dispatch as hil_dispatch
 
-            return run_demo(predictions=args.predictions, broker=args.broker, headless=args.headless)
+            return hil_dispatch(args)
+        if args.command == "demo":
+            if args.outage:
+                from ._demo import run_demo
+
+                return run_demo(predictions=args.predictions, broker=args.broker, headless=args.headless)
+            try:
+                from cloud.demo import run_demo as run_fleet_demo
+            except ImportError as exc:
+                print(f"edgeml demo needs the cloud and train extras ({exc.name} is missing): "
+                      "pip install 'edgeml[cloud,train]'", file=sys.stderr)
+                return 2
+            return run_fleet_demo(devices=args.devices, duration=args.duration, headless=args.headless,
+                                  port=args.port, rate=args.rate, workdir=args.workdir)
     except ConfigError as exc:
         print(f"edgeml: error: {exc}", file=sys.stderr)
         return 2
