@@ -1,6 +1,6 @@
 """A/A rollouts: the false-rollback rate of whole canary rollouts on simulated devices.
 
-    .venv/bin/python bench/bench_rollouts_aa.py [--groups 25] [--rounds 2] [--devices-per-group 20]
+    .venv/bin/python bench/bench_rollouts_aa.py [--groups 10] [--rounds 5] [--devices-per-group 20]
 
 The whole system, nothing faked but the devices' hardware: Mosquitto, a coordinator on
 SQLite (signed desired states over MQTT, ingestion, the rollout engine ticking every
@@ -57,7 +57,7 @@ def wilson_upper(failures: int, n: int, z: float = 1.959964) -> float:
 
 
 def run_aa(workdir: Path, broker_url: str, *, groups: int, rounds: int, devices_per_group: int,
-           rate: float = 10.0, timeout_s: float = 240.0, progress: Any = print) -> dict[str, Any]:
+           rate: float = 10.0, timeout_s: float = 600.0, progress: Any = print) -> dict[str, Any]:
     import httpx
 
     from cloud._config import CloudConfig
@@ -116,7 +116,13 @@ def run_aa(workdir: Path, broker_url: str, *, groups: int, rounds: int, devices_
                             states[rid] = doc
                 return len(states) == len(ids)
 
-            _wait(done, timeout_s, f"round {k}: {groups} rollouts finished")
+            try:
+                _wait(done, timeout_s, f"round {k}: {groups} rollouts finished")
+            except TimeoutError as exc:
+                stuck = {rid: (d := http.get(f"/v1/rollouts/{rid}").json())["state"] + f" step {d['step']}: "
+                         f"{(d.get('result') or {}).get('last_evaluation', {}).get('gates')}"
+                         for rid in ids if rid not in states}
+                raise TimeoutError(f"{exc}; unfinished: {stuck}") from None
             round_s.append(time.monotonic() - t0)
             for rid in ids:
                 doc = states[rid]
@@ -153,8 +159,8 @@ def _wait(check: Any, timeout: float, what: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--groups", type=int, default=25, help="rollouts run at once (one per group)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--groups", type=int, default=10, help="rollouts run at once (one per group)")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--devices-per-group", type=int, default=20)
     parser.add_argument("--rate", type=float, default=10.0, help="predictions per second per device")
     args = parser.parse_args()
