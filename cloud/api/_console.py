@@ -128,8 +128,10 @@ def _data_routes(router: APIRouter, store: Store, registry: ModelRegistry, rollo
     ) -> dict[str, Any]:
         """A device's telemetry aggregated per time bucket over the last ``window_s`` seconds."""
         _ids(fleet, device)
-        d = store.get_device(fleet, device)
-        return {"device": device_json(d), **device_telemetry(store, fleet, device, time.time(), window_s, buckets)}
+        with store.transaction() as tx:
+            d = tx.get_device(fleet, device)
+            streams = tx.device_counters(fleet, device)
+        return {"device": device_json(d, streams=streams), **device_telemetry(store, fleet, device, time.time(), window_s, buckets)}
 
     @router.get("/v1/console/models", tags=["console"])
     def models() -> dict[str, Any]:
@@ -249,7 +251,8 @@ def device_telemetry(store: Store, fleet: str, device: str, now: float, window_s
         t0 = max(t0, min(r[0] for r in rows))
     width, starts = _buckets(t0, now, buckets)
     latencies, top1, versions = [], Counter[int](), Counter[str]()
-    drift_width, drift_starts = _buckets(t0, now, max(1, buckets // DRIFT_COARSER))
+    # drift buckets: coarser than latency's, and as many as give each ~2 x DRIFT_MIN predictions
+    drift_width, drift_starts = _buckets(t0, now, max(1, min(buckets // DRIFT_COARSER, len(rows) // (2 * DRIFT_MIN))))
     per_bucket_top1: list[Counter[int]] = [Counter() for _ in drift_starts]
     labeled = correct = 0
     for ts, kind, raw in rows:
@@ -334,7 +337,10 @@ def cohort_series(store: Store, rollout: dict[str, Any], now: float, window_s: f
 
 
 def audit_log(store: Store, *, rollout: str | None, actor: str | None, limit: int) -> list[dict[str, Any]]:
-    sql = "SELECT id, ts, actor, action, rollout_id, reason, evidence FROM audit_log WHERE 1 = 1"
+    """Entries of ``audit_log``: the rollout engine's decisions and, where the API records them,
+    every change made through it (with the caller's ``role`` when the table has that column)."""
+    role = "role" if _has_column(store, "audit_log", "role") else "NULL"
+    sql = f"SELECT id, ts, actor, action, rollout_id, reason, evidence, {role} FROM audit_log WHERE 1 = 1"
     params: list[Any] = []
     for column, value in (("rollout_id", rollout), ("actor", actor)):
         if value is not None:
@@ -343,7 +349,13 @@ def audit_log(store: Store, *, rollout: str | None, actor: str | None, limit: in
     with store.transaction() as tx:
         rows = tx.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
     return [{"id": r[0], "ts": r[1], "actor": r[2], "action": r[3], "rollout_id": r[4], "reason": r[5],
-             "evidence": _loads(r[6])} for r in rows]
+             "evidence": _loads(r[6]) or {}, "role": r[7]} for r in rows]
+
+
+def _has_column(store: Store, table: str, column: str) -> bool:
+    with store.transaction() as tx:
+        cursor = tx.execute(f"SELECT * FROM {table} WHERE 1 = 0")
+        return column in {d[0] for d in cursor.description}
 
 
 # ---------------------------------------------------------------------- live updates

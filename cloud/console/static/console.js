@@ -113,7 +113,7 @@
     render(s) {
       const d = s.device, state = d.reported_state || {}, active = state.active || {};
       const lat = P.line({
-        title: "latency", yFormat: (v) => (v / 1000).toFixed(v < 10000 ? 2 : 1) + " ms",
+        title: "latency", yMin: 0, yFormat: (v) => (v / 1000).toFixed(v < 10000 ? 2 : 1) + " ms",
         series: [
           { name: "p50", color: "#2f6fde", points: s.latency_us.map((b) => [b.t, b.p50]) },
           { name: "p95", color: "#e4572e", points: s.latency_us.map((b) => [b.t, b.p95]) },
@@ -125,7 +125,7 @@
         return classes.map((k) => (counts[k] || 0) / total);
       };
       const dist = P.grouped({
-        title: "predictions distribution", categories: classes.map((k) => "class " + k), format: (v) => (100 * v).toFixed(0) + " %",
+        title: "predictions distribution", top: 1, categories: classes.map((k) => "class " + k), format: (v) => (100 * v).toFixed(0) + " %",
         series: [{ name: "this device", color: "#2f6fde", values: share(s.top1) }, { name: "fleet", color: "#c3cad6", values: share(s.reference_top1) }],
         empty: "no predictions in this window",
       });
@@ -233,9 +233,9 @@
 
   function evidencePlot(v) {
     const e = v.evidence || {}, sides = ["canary", "baseline"];
-    const pair = (obj, f, refs) => P.grouped({
-      categories: sides, width: 360, height: 170, format: f, refLines: refs,
-      series: [{ name: v.gate, color: "#2f6fde", values: sides.map((s) => (obj || {})[s] ?? null) }],
+    const pair = (label, obj, f, refs, top) => P.grouped({
+      categories: [label], width: 360, height: 170, format: f, refLines: refs, top,
+      series: [{ name: "canary", color: "#e4572e", values: [obj.canary] }, { name: "baseline", color: "#2f6fde", values: [obj.baseline] }],
     });
     if (v.gate === "latency_p95" && e.p95_us) {
       return P.grouped({
@@ -246,9 +246,9 @@
       });
     }
     if (v.gate === "accuracy" && e.accuracy) {
-      return pair(e.accuracy, (x) => (100 * x).toFixed(0) + " %", [{ y: e.accuracy.baseline - e.threshold, label: `baseline −${Math.round(e.threshold * 100)} pts` }]);
+      return pair("accuracy", e.accuracy, (x) => (100 * x).toFixed(0) + " %", [{ y: e.accuracy.baseline - e.threshold, label: `baseline −${Math.round(e.threshold * 100)} pts` }], 1);
     }
-    if (v.gate === "error_rate" && e.rates) return pair(e.rates, (x) => (100 * x).toFixed(2) + " %");
+    if (v.gate === "error_rate" && e.rates) return pair("error rate", e.rates, (x) => (100 * x).toFixed(2) + " %");
     if (v.gate === "psi" && e.top1) {
       const classes = [...new Set([...Object.keys(e.top1.canary), ...Object.keys(e.top1.baseline)])].sort((a, b) => a - b);
       return P.grouped({
@@ -314,10 +314,10 @@
       if (series) {
         const line = (side, key, color, dash) => ({ name: `${side} ${key}`, color, dash, points: series.latency_us[side].map((b) => [b.t, b[key]]) });
         live = `<div class="grid cols-2"><div><h2>Latency p95 and p50 by cohort</h2>${P.line({
-          yFormat: (v) => (v / 1000).toFixed(2) + " ms", vLines: [{ x: series.step_started_at, label: "step " + (r.step + 1) }],
+          yMin: 0, yFormat: (v) => (v / 1000).toFixed(2) + " ms", vLines: [{ x: series.step_started_at, label: "step " + (r.step + 1) }],
           series: [line("canary", "p95", "#e4572e"), line("baseline", "p95", "#2f6fde"), line("canary", "p50", "#e4572e", true), line("baseline", "p50", "#2f6fde", true)],
         })}</div><div><h2>Accuracy from feedback by cohort</h2>${P.line({
-          yFormat: (v) => (100 * v).toFixed(0) + " %", yMax: 1,
+          yFormat: (v) => (100 * v).toFixed(0) + " %", yMax: 1, yTop: 1,
           series: ["canary", "baseline"].map((side) => ({ name: side, color: side === "canary" ? "#e4572e" : "#2f6fde", points: series.accuracy[side].map((b) => [b.t, b.accuracy]) })),
           empty: "no feedback labels yet",
         })}</div></div>`;
@@ -365,15 +365,24 @@
   const audit = {
     title: "Audit log",
     topics: ["audit"],
+    filter: "",
     async load() {
       return api("/v1/console/audit?limit=500");
     },
     render(entries) {
-      const rows = entries.map((a) => `<tr data-action="${esc(a.action)}"><td>${fmtTime(a.ts)}</td><td>${esc(a.actor)}</td><td>${badge(a.action, "")}</td>
-        <td>${a.rollout_id ? rolloutLink(a.rollout_id) : "–"}</td><td>${esc(a.reason)}</td>
+      const f = this.filter.toLowerCase();
+      const shown = entries.filter((a) => !f || [a.actor, a.role, a.action, a.rollout_id, a.reason].join(" ").toLowerCase().includes(f));
+      const request = (e) => (e && e.method && e.path ? ` <span class="muted mono">${esc(e.method)} ${esc(e.path)}</span>` : "");
+      const rows = shown.map((a) => `<tr data-action="${esc(a.action)}"><td>${fmtTime(a.ts)}</td><td>${esc(a.actor)}${a.role ? ` <span class="muted">(${esc(a.role)})</span>` : ""}</td>
+        <td>${badge(a.action, "")}</td><td>${a.rollout_id ? rolloutLink(a.rollout_id) : "–"}</td><td>${esc(a.reason)}${request(a.evidence)}</td>
         <td><details><summary>${esc(Object.keys(a.evidence || {}).join(", ") || "–")}</summary><pre>${esc(JSON.stringify(a.evidence, null, 2))}</pre></details></td></tr>`);
       return `<h1>Audit log <small>${entries.length} entries, newest first</small></h1>
-        ${panel("Who did what, when, and why", table(["Time", "Actor", "Action", "Rollout", "Why", "Evidence"], rows, ' id="audit"'))}`;
+        <section class="panel"><div class="toolbar"><h2 style="margin:0;flex:1">Who did what, when, and why</h2>
+          <input id="filter" placeholder="filter: actor, action, rollout" value="${esc(this.filter)}"></div>
+          ${table(["Time", "Actor", "Action", "Rollout", "Why", "Evidence"], rows, ' id="audit"')}</section>`;
+    },
+    bind() {
+      fleet.bind.call(this);
     },
   };
 

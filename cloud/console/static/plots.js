@@ -1,6 +1,7 @@
 /* edgeml console: small plots drawn as inline SVG strings (no library).
  *
- * Plots.line({series: [{name, color, points: [[x, y], ...]}], ...})  y null = a gap
+ * Plots.line({series: [{name, color, points: [[x, y], ...]}], ...})  y null = a gap; yMin, yMax
+ *   (at least), yTop (at most: 1 for shares), refLines [{y, label}], vLines [{x, label}]
  * Plots.bars({rows: [{label, value, color, note}], ...})             horizontal bars
  * Plots.grouped({categories, series: [{name, color, values}], ...})  vertical grouped bars
  * Plots.lineage({nodes: [{id, title, lines, cls}], edges: [[from, to]]})
@@ -17,8 +18,8 @@
     const raw = (max - min) / count;
     const mag = Math.pow(10, Math.floor(Math.log10(raw)));
     const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw) || raw;
-    const out = [];
-    for (let v = Math.ceil(min / step) * step; v <= max + step * 1e-9; v += step) out.push(+v.toFixed(10));
+    const out = [], top = Math.ceil(max / step - 1e-9) * step; // the last tick covers max
+    for (let v = Math.floor(min / step + 1e-9) * step; v <= top + step * 1e-9; v += step) out.push(+v.toFixed(10));
     return out;
   }
 
@@ -39,7 +40,7 @@
     let y0 = o.yMin ?? Math.min(...pts.map((p) => p[1]));
     let y1 = Math.max(...pts.map((p) => p[1]), ...refs.map((r) => r.y * 1.1));
     if (o.yMax !== undefined) y1 = Math.max(y1, o.yMax);
-    const yt = ticks(y0, y1 + (y1 - y0) * 0.05);
+    const yt = ticks(y0, o.yTop !== undefined ? Math.min(o.yTop, y1 + (y1 - y0) * 0.05) : y1 + (y1 - y0) * 0.05);
     y0 = Math.min(y0, yt[0]); y1 = yt[yt.length - 1];
     const fy = o.yFormat || plain, fx = o.xFormat || clock;
     const X = (x) => L + (x1 > x0 ? (x - x0) / (x1 - x0) : 0.5) * (W - L - R);
@@ -102,7 +103,8 @@
     if (!cats.length) return `<div class="empty">${esc(o.empty || "nothing to show")}</div>`;
     const W = o.width || 560, H = o.height || 200, L = 60, R = 10, T = 16, B = 26;
     const all = o.series.flatMap((s) => s.values.filter((v) => v !== null && v !== undefined));
-    const yt = ticks(0, Math.max(...all, ...(o.refLines || []).map((r) => r.y), 1e-9) * 1.08);
+    const high = Math.max(...all, ...(o.refLines || []).map((r) => r.y), 1e-9) * 1.08;
+    const yt = ticks(0, o.top !== undefined ? Math.min(o.top, high) : high);
     const y1 = yt[yt.length - 1] || 1, f = o.format || plain;
     const Y = (v) => T + (1 - v / y1) * (H - T - B);
     const slot = (W - L - R) / cats.length, bw = Math.min(28, (slot * 0.8) / o.series.length);
