@@ -23,8 +23,7 @@ also in cohort ``*``). Figures:
 
 PSI = sum over bins of (a - e) * ln(a / e), with the shares ``a`` (measured) and ``e``
 (reference) floored at ``PSI_FLOOR`` so an empty bin counts as rare, not impossible.
-Measurements are stored in ``drift_measurements`` (created here, idempotently, on
-SQLite and PostgreSQL alike).
+Measurements are stored in ``drift_measurements`` (schema migration 6).
 """
 
 from __future__ import annotations
@@ -60,15 +59,6 @@ PSI_FLOOR = 1e-4
 REFERENCE_BINS = 10
 ALL_COHORT = "*"
 _ROW_LIMIT = 500_000
-
-_DDL = (
-    """CREATE TABLE IF NOT EXISTS drift_measurements (
-        id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, fleet TEXT NOT NULL, model TEXT NOT NULL,
-        version TEXT NOT NULL, cohort TEXT NOT NULL, status TEXT NOT NULL, psi DOUBLE PRECISION,
-        doc TEXT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS drift_measurements_by_model ON drift_measurements (model, version, cohort, ts)",
-    "CREATE INDEX IF NOT EXISTS drift_measurements_by_ts ON drift_measurements (ts)",
-)
 
 
 # ---------------------------------------------------------------------- PSI
@@ -165,9 +155,6 @@ class DriftMonitor:
         self.min_predictions = min_predictions
         self.cohort_tag = cohort_tag
         self.clock = clock
-        with store.transaction(write=True) as tx:
-            for ddl in _DDL:
-                tx.execute(ddl)
 
     def measure(self, *, fleet: str | None = None, models: Iterable[str] | None = None,
                 since: float | None = None, now: float | None = None) -> list[dict[str, Any]]:

@@ -18,7 +18,8 @@ measures drift (:class:`cloud.drift.DriftMonitor`) and retrains when
   newest version was registered);
 * ``new_labels``: ``new_labels`` labeled feedback records arrived since then.
 
-Every trigger is recorded with its reason and evidence (``training_triggers``, and the
+Every trigger is recorded with its reason and evidence (``training_triggers``, schema
+migration 6, and the
 audit log with actor ``continuous-training``) before the run starts, and updated with
 the outcome: the run, the registered versions, an automatic canary rollout. The run
 trains on the recipe's own sources (unless ``include_recipe_data`` is false) plus the
@@ -54,13 +55,6 @@ log = logging.getLogger(__name__)
 #: The audit log's actor for what continuous training does.
 ACTOR = "continuous-training"
 _RECIPE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_DDL = (
-    """CREATE TABLE IF NOT EXISTS training_triggers (
-        id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, model TEXT NOT NULL, kind TEXT NOT NULL,
-        reason TEXT NOT NULL, status TEXT NOT NULL, parent TEXT, run_id TEXT, evidence TEXT NOT NULL,
-        outcome TEXT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS training_triggers_by_model ON training_triggers (model, ts)",
-)
 
 
 class TrainingBusy(Conflict):
@@ -200,9 +194,6 @@ class ContinuousTraining:
         self.store = service.store
         self._lock = threading.Lock()
         self._scheduler: Any = None
-        with self.store.transaction(write=True) as tx:
-            for ddl in _DDL:
-                tx.execute(ddl)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> ContinuousTraining:
