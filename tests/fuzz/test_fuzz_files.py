@@ -1,0 +1,116 @@
+"""Fuzzing what is read from files: model files and their metadata, the agent's model
+pointer, and the agent's and the coordinator's settings (YAML and environment).
+
+Properties: a mangled model is :class:`InvalidModel` (cloud) or ``ModelLoadError``
+(agent), or inspects fine; a broken pointer file is ignored; settings load or raise the
+package's config error naming a key, never another exception.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from cloud._config import InvalidSetting, load_cloud_config
+from cloud._exceptions import InvalidModel
+from cloud.registry.inspect import inspect_model
+from edgeml._config import load_config
+from edgeml._exceptions import ConfigError
+from edgeml._models import ModelInfo, ModelStore
+
+from ._fuzz import FUZZ, SLOW, json_values, mutated_bytes
+
+
+@pytest.fixture(scope="module")
+def model_bytes(models: dict[str, Path]) -> dict[str, bytes]:
+    return {k: models[k].read_bytes() for k in ("onnx_float", "onnx_int8", "tflite_float")}
+
+
+def test_mangled_models_are_invalid_models(model_bytes: dict[str, bytes], tmp_path: Path) -> None:
+    @given(which=st.sampled_from(sorted(model_bytes)), data=st.data(), suffix=st.sampled_from([".onnx", ".tflite", ""]))
+    @SLOW
+    def inspect(which: str, data: Any, suffix: str) -> None:
+        raw = data.draw(mutated_bytes(model_bytes[which]))
+        path = tmp_path / f"m{suffix}"
+        path.write_bytes(raw)
+        try:
+            facts = inspect_model(path)
+        except InvalidModel:
+            return
+        assert facts.size == len(raw) and facts.format in ("onnx", "tflite")
+
+    inspect()
+
+
+@given(text=st.text(max_size=200) | st.builds(lambda v: yaml.safe_dump(v), json_values))
+@example(text="[]")  # a list: AttributeError escaped from the pointer reader
+@FUZZ
+def test_a_broken_pointer_file_is_ignored(text: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    root = tmp_path_factory.mktemp("store")
+    (root / "active.json").write_text(text)
+    store = ModelStore(root)
+    for info in (store.active_info(), store.previous_info()):
+        assert info is None or isinstance(info, ModelInfo)
+    store.seed()
+
+
+# --------------------------------------------------------------------------- settings
+
+AGENT_KEYS = ["device_id", "fleet", "broker_url", "data_dir", "model_path", "api_addr", "mqtt", "telemetry",
+              "updates", "runtime", "discovery", "fleet_pubkey", "hardware_profile", "x"]
+CLOUD_KEYS = ["broker_url", "db", "http_addr", "public_url", "artifact_dir", "signing_key", "log_level",
+              "max_upload_bytes", "ingest", "metrics", "auth", "x"]
+
+
+def settings_text(keys: list[str]) -> st.SearchStrategy[str | bytes]:
+    documents = st.dictionaries(st.sampled_from(keys) | st.text(max_size=6), json_values, max_size=4)
+    return (st.builds(lambda d: yaml.safe_dump(d, allow_unicode=True), documents) | st.text(max_size=120)
+            | st.binary(max_size=60))
+
+
+def env_vars(prefix_keys: list[str]) -> st.SearchStrategy[dict[str, str]]:
+    names = st.sampled_from([f"EDGEML_{k.upper()}" for k in prefix_keys]
+                            + ["EDGEML_MQTT__KEEPALIVE_S", "EDGEML_INGEST__POLICY", "EDGEML_AUTH__REQUIRED",
+                               "EDGEML_UPDATES__PROBATION_S", "EDGEML___", "EDGEML_X__"])
+    return st.dictionaries(names, st.text(max_size=12), max_size=3)
+
+
+def _write(path: Path, content: str | bytes) -> Path:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+@given(content=settings_text(AGENT_KEYS), env=env_vars(AGENT_KEYS))
+@example(content=b"fleet: \xff\xfe", env={})  # not UTF-8: a UnicodeDecodeError escaped
+@FUZZ
+def test_agent_settings_load_or_name_the_bad_key(content: str | bytes, env: dict[str, str],
+                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    path = _write(tmp_path_factory.mktemp("agent") / "agent.yaml", content)
+    try:
+        config = load_config(path, env=env)
+    except ConfigError as exc:
+        assert exc.key and exc.reason
+        return
+    assert config.device_id
+
+
+@given(content=settings_text(CLOUD_KEYS), env=env_vars(CLOUD_KEYS))
+@example(content=b"db: \xff", env={})
+@FUZZ
+def test_cloud_settings_load_or_name_the_bad_key(content: str | bytes, env: dict[str, str],
+                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    path = _write(tmp_path_factory.mktemp("cloud") / "cloud.yaml", content)
+    try:
+        config = load_cloud_config(path, env=env)
+    except InvalidSetting as exc:
+        assert exc.key and exc.reason
+        return
+    assert config.db
