@@ -18,6 +18,7 @@ what each verdict does::
     on_inconclusive: wait        # wait | pause
     inconclusive_timeout_s: null # after this long inconclusive: pause (null: wait forever)
     approval: {before_start: false, before_full: false}
+    hil: {required: false, scenarios: null, hardware_profiles: null}  # HIL gate before the start
 
 What a gate's ``threshold`` means depends on its metric (see :data:`GATE_DOC`). A gate
 fails only when the difference is both statistically significant at ``confidence``
@@ -167,6 +168,16 @@ class Approval(BaseModel):
     before_full: bool = Field(False, description="before the step that reaches 100 %")
 
 
+class HilRequirement(BaseModel):
+    """A hardware-in-the-loop gate before the start: ``edgeml hil run … --report URL`` records runs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    required: bool = False
+    scenarios: tuple[str, ...] | None = Field(None, description="each must have passed (null: every run recorded)")
+    hardware_profiles: tuple[str, ...] | None = Field(None, description="on each of these profiles (null: any)")
+
+
 class Policy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -185,6 +196,7 @@ class Policy(BaseModel):
     on_inconclusive: Literal["wait", "pause"] = "wait"
     inconclusive_timeout_s: float | None = Field(None, gt=0)
     approval: Approval = Approval()
+    hil: HilRequirement = HilRequirement()
 
     @field_validator("steps")
     @classmethod

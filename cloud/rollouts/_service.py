@@ -110,6 +110,8 @@ class RolloutService:
         pol = _policy_for(strategy, policy, steps)
         sel = parse_selector(selector)
         model = self.registry.resolve(model_ref)
+        if pol.hil.required:
+            self._check_hil(model, pol)
         now = self.clock()
         with self._lock, self.store.transaction(write=True) as tx:
             targets = sel.select(tx.list_devices(fleet))
@@ -132,6 +134,18 @@ class RolloutService:
                        {"targets": len(targets), "steps": list(pol.steps), "baseline": r.baseline_ref,
                         "state": r.state.value})
         return self.status(rid)
+
+    def _check_hil(self, model: Any, pol: Policy) -> None:
+        """The policy's HIL gate: the latest recorded run of each required scenario (and profile) passed."""
+        from ..api._hil import hil_passed
+
+        verdict = hil_passed(self.store, model.name, model.version, scenarios=pol.hil.scenarios,
+                             hardware_profiles=pol.hil.hardware_profiles)
+        if verdict is not True:
+            wanted = ", ".join(pol.hil.scenarios) if pol.hil.scenarios else "its HIL scenarios"
+            why = "no HIL run is recorded" if verdict is None else "its latest HIL run failed (or one is missing)"
+            raise PolicyError(f"the policy requires {model.ref} to pass {wanted} before a rollout; {why} "
+                              f"(edgeml hil run SCENARIO --report URL)")
 
     def pause(self, rollout_id: str, actor: str, reason: str = "") -> dict[str, Any]:
         return self._command(rollout_id, E.PAUSE, actor, reason)

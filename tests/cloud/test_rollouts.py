@@ -224,3 +224,30 @@ def test_ab_reports_and_waits_for_a_person(world: tuple[RolloutService, Simulate
     assert ab["latency_mean_us"]["ci"][0] < ab["latency_mean_us"]["ci"][1] and "winner" in ab
     service.promote(r["id"], "ana", "B is fine")
     assert drive(service, devices, r["id"])["state"] == "completed"
+
+
+def test_a_policy_can_require_a_passing_hil_run_before_the_start(
+        world: tuple[RolloutService, SimulatedDevices]) -> None:
+    from cloud.api._hil import HilRunIn, record_run
+
+    service, devices = world
+    policy = {**FAST, "hil": {"required": True, "scenarios": ["steady-replay", "broker-restart"]}}
+
+    def run(scenario: str, passed: bool) -> None:
+        record_run(service.store, HilRunIn(model="mlp@2.0.0", scenario=scenario, hardware_profile="x86-gateway",
+                                           passed=passed, counts={"tests": 3, "failures": 0 if passed else 1,
+                                                                  "errors": 0}))
+
+    def start() -> dict[str, Any]:
+        return service.start("mlp@2.0.0", "canary", "env=prod", policy=policy, actor="ana", fleet=FLEET)
+
+    with pytest.raises(PolicyError, match="no HIL run is recorded"):
+        start()
+    run("steady-replay", True)
+    run("broker-restart", False)
+    with pytest.raises(PolicyError, match="latest HIL run failed"):
+        start()
+    run("broker-restart", True)  # fixed: the latest run of each scenario decides
+    r = start()
+    assert r["state"] == "promoting" and devices.calls == []  # nothing deployed before the start
+    assert service.list() and all(x["id"] == r["id"] for x in service.list())  # the refused starts left nothing
