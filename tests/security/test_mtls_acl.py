@@ -220,3 +220,22 @@ def test_ca_commands_issue_revoke_and_refuse_reserved_names(tmp_path: Path, caps
     assert main(["devices", "revoke", "dev-unknown", "--ca", str(ca)]) == 2
     assert main(["devices", "enroll", "dev-8", "--ca", str(tmp_path / "nowhere"), "--out", str(dev)]) == 2
     assert "edgeml ca init" in capsys.readouterr().err
+
+
+def test_a_missing_tls_file_is_named_at_start(tmp_path: Path, fleet: Fleet) -> None:
+    from cloud._config import InvalidSetting, load_cloud_config
+    from edgeml._exceptions import ConfigError
+
+    device = fleet.enroll("dev-1")
+    ok = load_config(env={"EDGEML_BROKER_URL": "mqtts://127.0.0.1:8883", "EDGEML_MQTT__CA_FILE": str(device.ca),
+                          "EDGEML_MQTT__CERT_FILE": str(device.cert), "EDGEML_MQTT__KEY_FILE": str(device.key)})
+    assert ok.broker_url is not None and ok.broker_url.tls and ok.mqtt.cert_file == device.cert
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"EDGEML_MQTT__CA_FILE": str(tmp_path / "nope.crt")})
+    assert err.value.key == "mqtt.ca_file" and "nope.crt" in str(err.value) and "EDGEML_MQTT__CA_FILE" in str(err.value)
+    with pytest.raises(ConfigError, match="go together"):
+        load_config(env={"EDGEML_MQTT__CERT_FILE": str(device.cert)})
+    with pytest.raises(InvalidSetting) as bad:
+        load_cloud_config(env={"EDGEML_BROKER_TLS__CERT_FILE": str(tmp_path / "gone.crt"),
+                               "EDGEML_BROKER_TLS__KEY_FILE": str(device.key)})
+    assert bad.value.key == "broker_tls.cert_file"
