@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cloud import Store
+from cloud._config import CloudConfig
 from cloud.api._console import (
     _Watcher,
     audit_log,
@@ -17,6 +20,7 @@ from cloud.api._console import (
     model_view,
 )
 from cloud.artifacts import ArtifactStore
+from cloud.coordinator import Coordinator
 from cloud.registry.models import ModelRegistry
 from cloud.rollouts import _repo
 from edgeml._testing import models as modelgen
@@ -101,3 +105,26 @@ def test_models_audit_and_change_fingerprints(store: Store, tmp_path: Path) -> N
     after = watcher.fingerprint()
     assert after["models"] != before["models"] and after["audit"] != before["audit"]
     assert after["devices"] == before["devices"]
+
+
+def test_an_open_stream_ends_when_the_coordinator_stops(tmp_path: Path) -> None:
+    config = CloudConfig(broker_url="mqtt://127.0.0.1:1", db=f"sqlite://{tmp_path}/cloud.db",
+                         http_addr="127.0.0.1:0", artifact_dir=tmp_path / "artifacts", broker_wait_s=0.1)
+    coordinator = Coordinator(config).start()
+    lines: list[str] = []
+    opened = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("GET", coordinator.url + "/v1/stream", timeout=60) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                opened.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert opened.wait(10) and "event: ready" in lines
+    finally:
+        coordinator.stop()
+    reader.join(10)
+    assert not reader.is_alive()  # the stream ended with the server; it did not hold the stop
