@@ -96,9 +96,9 @@ class TLSBroker(MosquittoBroker):
 
 
 class TLSClient:
-    """An MQTT 3.1.1 client with a certificate: records connection results, SUBACKs, messages."""
+    """An MQTT 3.1.1 (or 5) client with a certificate: records connections, SUBACKs, messages."""
 
-    def __init__(self, broker: TLSBroker, who: Identity, client_id: str | None = None) -> None:
+    def __init__(self, broker: TLSBroker, who: Identity, client_id: str | None = None, *, v5: bool = False) -> None:
         self.who = who
         self.connected = threading.Event()
         self.failed = threading.Event()
@@ -108,7 +108,7 @@ class TLSClient:
         self._lock = threading.Lock()
         self._subacks: dict[int, threading.Event] = {}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id or f"test-{who.name}-{id(self)}",
-                                  protocol=mqtt.MQTTv311)
+                                  protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
         self.client.tls_set(ca_certs=str(who.ca), certfile=str(who.cert), keyfile=str(who.key))
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe

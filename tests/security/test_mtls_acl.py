@@ -31,8 +31,8 @@ A, B = Topics("plant", "dev-a"), Topics("plant", "dev-b")
 def clients(tls_broker: TLSBroker, fleet: Fleet):  # type: ignore[no-untyped-def]
     made: list[TLSClient] = []
 
-    def connect(who: Identity) -> TLSClient:
-        client = TLSClient(tls_broker, who)
+    def connect(who: Identity, v5: bool = False) -> TLSClient:
+        client = TLSClient(tls_broker, who, v5=v5)
         made.append(client)
         assert client.connected.wait(10), f"{who.name} could not connect: {client.failures}"
         return client
@@ -47,6 +47,8 @@ def test_a_device_reads_and_writes_only_its_own_topics(clients, fleet: Fleet) ->
     a, b = clients(fleet.enroll("dev-a")), clients(fleet.enroll("dev-b"))
     for leaf in ("telemetry", "status", "state"):
         assert coordinator.subscribe(f"edgeml/v1/+/+/{leaf}") == 1  # the coordinator reads every device
+    replica = clients(fleet.coordinator, v5=True)  # a replica's MQTT 5 shared subscription passes the ACL too
+    assert replica.subscribe("$share/replicas/edgeml/v1/+/+/telemetry") == 1
     assert a.subscribe(A.desired) == 1 and b.subscribe(B.desired) == 1
     # device A tries to read device B: B's own topic, every device's desired, everything
     spying = [a.subscribe(t) for t in (B.desired, B.telemetry, "edgeml/v1/+/+/desired", "edgeml/#", "#")]
@@ -68,6 +70,8 @@ def test_a_device_reads_and_writes_only_its_own_topics(clients, fleet: Fleet) ->
     time.sleep(0.5)  # anything forged was sent before it on the same connection
 
     assert coordinator.received(A.telemetry) == [(A.telemetry, b'{"own": true}')]
+    wait_until(lambda: replica.received(), 5, what="telemetry on the shared subscription")
+    assert replica.received() == [(A.telemetry, b'{"own": true}')]
     assert not coordinator.received("/dev-b/"), "a forged publish reached the coordinator"
     assert all(t == A.desired for t, _ in a.received()), "device A received another device's messages"
     assert b.received() == [(B.desired, b'{"for": "dev-b"}')], "device B received a forged desired state"
