@@ -197,6 +197,8 @@ def canonical_json(obj: Any) -> bytes:
         text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise SignatureError("malformed", f"document is not canonical JSON: {exc}") from exc
+    except RecursionError:  # nesting deeper than the interpreter's stack allows
+        raise SignatureError("malformed", "document is nested too deeply") from None
     return text.encode("utf-8")
 
 
@@ -239,6 +241,8 @@ def _verify(signature: bytes, message: bytes, kid: Any, public_keys: PublicKeys,
     from cryptography.exceptions import InvalidSignature
 
     keys = _keyring(public_keys)
+    if kid is not None and not isinstance(kid, str):
+        raise SignatureError("malformed", f"'key_id' must be a string, got {type(kid).__name__}")
     if kid is not None:
         if kid not in keys:
             trusted = ", ".join(sorted(keys))

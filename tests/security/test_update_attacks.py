@@ -20,7 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import orjson
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.keys import generate_keys
 from edgeml import Agent
@@ -28,8 +31,8 @@ from edgeml.protocol.signing import sign_bytes, sign_document
 from edgeml.updates._manager import MAX_DOCUMENT_BYTES
 
 from ..conftest import Broker, Collector, wait_until
+from ..test_updates import TOPICS, X, finished, make_agent
 from ..test_updates import Fleet as Coordinated
-from ..test_updates import X, finished, make_agent
 
 UNSIGNED = ("signature", "key_id")
 
@@ -328,3 +331,38 @@ def test_key_rotation_with_two_trusted_keys(
         cloud.publish_raw(sign_document(document(91), new / "fleet.key"))
         wait_until(lambda: finished(agent, 91), 20, what="document signed by the new key")
         assert agent.status()["applied_revision"] == 91
+
+
+def test_malformed_signature_fields_are_rejected_and_the_agent_keeps_listening(
+    broker: Broker, cloud: Coordinated, registered: dict[str, Any], models: dict[str, Path], tmp_path: Path
+) -> None:
+    with make_agent(tmp_path, broker, cloud, models["onnx_float"]) as agent:
+        guard = Untouched(agent)
+        genuine = cloud.signed(document(5, model_ref(cloud, registered["2.0.0"])))
+        bad = agent.status()["counters"]["bad_messages"]
+        signed_by = f'"key_id": "{genuine["key_id"]}", "signature": "{genuine["signature"]}"'.encode()
+        hostile = [
+            orjson.dumps({**genuine, "key_id": []}),  # not a string: no TypeError on the MQTT thread
+            orjson.dumps({**genuine, "key_id": {"a": 1}}),
+            orjson.dumps({**genuine, "extra": [[[[]]]]}),  # well-formed, just not what was signed
+            # nested deeper than the interpreter's stack when the signed bytes are computed
+            b'{"revision": 6, ' + signed_by + b', "x": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+        ]
+        for payload in hostile:
+            publish_bytes(broker, TOPICS.desired, payload)
+        wait_until(lambda: agent.status()["counters"]["bad_messages"] == bad + 3, 10, what="malformed rejections")
+        assert agent.status()["last_rejection"]["reason"] == "bad_signature"
+        guard.check()
+        # the agent still listens: the genuine document applies
+        cloud.publish_raw(genuine)
+        status = wait_until(lambda: finished(agent, 5), 30, what="genuine update after the hostile ones")
+        assert status["update"]["result"] == "success" and agent.model.version == "2.0.0"  # type: ignore[union-attr]
+
+
+def publish_bytes(broker: Broker, topic: str, payload: bytes) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    client.publish(topic, payload, qos=1).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
