@@ -15,6 +15,9 @@ import httpx
 import orjson
 import pytest
 
+from cloud._config import CloudConfig
+from cloud.coordinator import Coordinator
+
 from ..conftest import wait_until
 from .conftest import FLEET, OFFLINE, N, Site
 
@@ -208,3 +211,33 @@ def test_without_the_stream_the_page_polls(site: Site, page: Any) -> None:
     page.wait_for_function("document.getElementById('live').textContent === 'polling'", timeout=15_000)
     first = page.evaluate("document.body.dataset.loaded")
     page.wait_for_function(f"document.body.dataset.loaded !== '{first}'", timeout=15_000)  # refreshed again
+
+
+def test_with_tokens_enforced_the_pages_load_and_the_data_needs_the_token(browser: Any, tmp_path: Path) -> None:
+    pytest.importorskip("cloud.api._auth")  # the API's token auth
+    config = CloudConfig(broker_url="mqtt://127.0.0.1:1", db=f"sqlite://{tmp_path}/cloud.db", http_addr="127.0.0.1:0",
+                         artifact_dir=tmp_path / "artifacts", broker_wait_s=0.1)
+    coordinator = Coordinator(config).start()
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        http = httpx.Client(base_url=coordinator.url)
+        admin = http.post("/v1/tokens", json={"name": "admin-1", "role": "admin"}).json()["token"]  # enforced now
+        headers = {"Authorization": f"Bearer {admin}"}
+        viewer = http.post("/v1/tokens", json={"name": "viewer-1", "role": "viewer"}, headers=headers).json()["token"]
+        assert http.put("/v1/devices/plant/press-7", json={"tags": {}}, headers=headers).status_code == 201
+        assert http.get("/v1/console/overview").status_code == 401
+        assert http.get("/console/").status_code == 200 and http.get("/", follow_redirects=True).status_code == 200
+
+        page = context.new_page()
+        page.goto(f"{coordinator.url}/console/?token={viewer}")
+        page.wait_for_selector('#devices tr[data-device="press-7"]')
+        page.wait_for_function("document.getElementById('live').textContent === 'live'")  # ?access_token= accepted
+
+        stranger = browser.new_context().new_page()
+        stranger.goto(f"{coordinator.url}/console/")
+        stranger.wait_for_function("document.getElementById('live').textContent === 'polling'")  # the stream: 401
+        assert "401" in stranger.locator("main").inner_text() or "token" in stranger.locator("main").inner_text()
+        stranger.context.close()
+    finally:
+        context.close()
+        coordinator.stop()

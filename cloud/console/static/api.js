@@ -91,7 +91,7 @@
     });
     source.addEventListener("change", (event) => onChange(JSON.parse(event.data).topics));
     source.onerror = () => {
-      if (source.readyState === EventSource.CLOSED) return poll(); // refused (e.g. 401): poll instead
+      if (source.readyState === EventSource.CLOSED || !opened) return poll(); // refused, or never there
       show("reconnecting", "the live stream dropped; reconnecting");
       setTimeout(() => {
         if (source.readyState !== EventSource.OPEN) poll(); // still down: poll meanwhile
