@@ -153,11 +153,11 @@ FLEET = "plant"
 MODEL = "sensor-mlp"
 
 
-def _small_recipe(tmp: Path) -> Path:
+def _small_recipe(tmp: Path, rows: int = 1500, epochs: int = 12) -> Path:
     doc = yaml.safe_load((ROOT / "configs" / "recipes" / "sensor-mlp.yaml").read_text())
-    doc["training"].update(epochs=12, lr=0.01)
+    doc["training"].update(epochs=epochs, lr=0.01)
     doc["quantization"]["enabled"] = False
-    doc["data"]["sources"][0]["rows"] = 1500
+    doc["data"]["sources"][0]["rows"] = rows
     path = tmp / "sensor-small.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -295,3 +295,62 @@ def test_no_drift_no_retraining(plant: Any) -> None:
     assert drift["psi"] < 0.2 and drift["input_psi"] < 0.1 and drift["prediction_psi"] < 0.1
     assert p.triggers() == []
     assert [m.version for m in p.coordinator.registry.list(MODEL)] == ["1"]
+
+
+# ---------------------------------------------------------------------- the other triggers, on a real store
+def _labeled_records(stream: SensorStream, n: int, t0: float, version: str = "1") -> list[dict[str, Any]]:
+    x, y = stream.sample(n, drift=0.0, rng=11)
+    out: list[dict[str, Any]] = []
+    for i in range(n):
+        base = {"ts": t0 + i * 0.01, "model": MODEL, "version": version, "prediction_id": f"b-{i}"}
+        out.append({**base, "kind": "sample", "inputs": {"input": [x[i].tolist()]}, "outputs": {"probs": [[1, 0, 0]]}})
+        out.append({**base, "kind": "feedback", "label": int(y[i]), "predicted": 0, "correct": int(y[i]) == 0})
+    return [{**r, "seq": i + 1} for i, r in enumerate(out)]
+
+
+def test_new_labels_and_interval_triggers_act_only_on_the_leader(tmp_path: Path) -> None:
+    from cloud import open_store
+    from cloud.training._service import ContinuousTraining, TrainingService
+
+    store = open_store(f"sqlite://{tmp_path}/c.db")
+    registry = ModelRegistry(store, ArtifactStore(tmp_path / "artifacts"))
+    recipe = _small_recipe(tmp_path, rows=400, epochs=3)
+    train(load_recipe(recipe), store=store, registry=registry, workdir=tmp_path / "training")
+    created = registry.get(MODEL, "1").created_at
+    now = [created + 10]  # the clock of the checks; the labels below arrive between
+    leader = [False]
+    settings = TrainingSettings(new_labels=100, retrain_interval_s=3600, min_samples=10_000, min_predictions=10_000,
+                                models={MODEL: {"recipe": str(recipe), "fleet": FLEET}})
+    service = TrainingService(store, registry, workdir=tmp_path / "training", recipes_dir=tmp_path)
+    ct = ContinuousTraining(settings, service, DriftMonitor(store, registry, min_samples=10_000), is_leader=lambda: leader[0],
+                            clock=lambda: now[0])
+    for device in ("dev-a", "dev-b"):
+        store.upsert_device(FLEET, device)  # as ingestion registers them
+    try:
+        store.insert_telemetry(FLEET, "dev-a", "s", _labeled_records(SensorStream(), 60, created + 1))
+        assert ct.check() == [{"model": MODEL, "status": "not_leader"}]
+        leader[0] = True
+        [outcome] = ct.check()
+        assert outcome["status"] == "no_trigger"  # 60 labels < 100, the interval has not passed
+        store.insert_telemetry(FLEET, "dev-b", "s", _labeled_records(SensorStream(), 60, created + 1))
+        [outcome] = ct.check()
+        assert outcome["status"] == "triggered" and outcome["kind"] == "new_labels"
+        assert "120 new labeled samples" in outcome["reason"]
+        assert service.wait(60)
+        [trigger] = ct.triggers()
+        assert trigger["status"] == "registered" and trigger["outcome"]["registered"] == [f"{MODEL}@2"]
+        v2 = registry.get(MODEL, "2")
+        assert v2.parent == f"{MODEL}@1" and set(v2.params["dataset"]["devices"]) == {"dev-a", "dev-b"}
+        assert v2.params["dataset"]["rows"] == 400 + 120  # the recipe's rows and every joined label
+        now[0] += 10
+        assert ct.check()[0]["status"] == "no_trigger"  # the labels were used; none new since
+        now[0] += 3600
+        [outcome] = ct.check()
+        assert outcome["status"] == "triggered" and outcome["kind"] == "interval"
+        assert service.wait(60)
+        kinds = [(t["kind"], t["status"]) for t in ct.triggers()]
+        assert kinds == [("interval", "registered"), ("new_labels", "registered")]
+        assert registry.get(MODEL, "3").parent == f"{MODEL}@2"
+    finally:
+        ct.stop()
+        store.close()
