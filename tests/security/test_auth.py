@@ -93,14 +93,16 @@ def test_viewer_cannot_start_a_rollout_operator_can_both_audited(
     assert r.status_code == 403, r.text
     assert r.json()["error"] == "Forbidden" and "needs the operator role" in r.json()["detail"]
     assert http.get("/v1/rollouts", headers=bearer(viewer)).json() == []  # nothing started
+    assert http.post("/v1/rollouts", json={**start, "model": "mlp@9.9.9"}, headers=bearer(operator)).status_code == 404
     r = http.post("/v1/rollouts", json=start, headers=bearer(operator))
     assert r.status_code == 201, r.text
     rollout_id = r.json()["id"]
 
     entries = http.get("/v1/audit", params={"action": "start_rollout"}, headers=bearer(viewer)).json()
     assert [(e["actor"], e["role"], e["evidence"]["status"]) for e in entries] == [
-        ("otto", "operator", 200), ("vera", "viewer", 403)]  # newest first
-    assert entries[1]["reason"].startswith("denied:") and entries[0]["reason"] == "done"
+        ("otto", "operator", 200), ("otto", "operator", 404), ("vera", "viewer", 403)]  # newest first
+    assert entries[2]["reason"].startswith("denied:") and entries[0]["reason"] == "done"
+    assert entries[1]["reason"].startswith("failed: NotFound")
     assert entries[0]["evidence"]["method"] == "POST" and entries[0]["evidence"]["path"] == "/v1/rollouts"
     # a rollout action by path carries the rollout id in the audit entry
     r = http.post(f"/v1/rollouts/{rollout_id}/pause", json={"actor": "ui"}, headers=bearer(operator))
