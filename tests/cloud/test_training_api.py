@@ -151,3 +151,26 @@ def test_cli_trains_the_sensor_recipe(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "epoch 3/3" in err and result["registered"][0] == "sensor-small@1"
     assert result["dataset"]["sources"] == ["sensor:seed=0,drift=0,rows=600"]
     assert np.isclose(sum(result["drift_reference"]["inputs"]["counts"][0]), result["split"]["train"])
+
+
+def test_cli_shows_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "cloud.yaml"
+    config.write_text(f"db: sqlite://{tmp_path}/c.db\nartifact_dir: {tmp_path}/art\ntraining: {{min_samples: 20}}\n")
+    recipe = tmp_path / "sensor.yaml"
+    recipe.write_text(yaml.safe_dump(small_sensor_recipe(epochs=2)))
+    assert main(["models", "train", "--recipe", str(recipe), "-c", str(config)]) == 0
+    assert main(["models", "drift", "-c", str(config)]) == 0
+    assert "no drift measurements" in capsys.readouterr().out
+    from cloud import open_store
+
+    x, _ = SensorStream().sample(40, drift=1.0, rng=1)
+    with open_store(f"sqlite://{tmp_path}/c.db") as store:
+        store.insert_telemetry("default", "d", "s", [
+            {"seq": i + 1, "ts": time.time() - 5, "kind": "sample", "model": "sensor-small", "version": "1",
+             "inputs": {"input": [row.tolist()]}, "outputs": {}} for i, row in enumerate(x)])
+    assert main(["models", "drift", "--measure", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "sensor-small@1" in out and "drift" in out.split("sensor-small@1")[1].split("\n")[0]
+    assert main(["models", "drift", "--json", "--model", "sensor-small", "-c", str(config)]) == 0
+    [doc] = json.loads(capsys.readouterr().out)
+    assert doc["status"] == "drift" and doc["samples"] == 40 and doc["input_psi"] > 0.2
