@@ -348,9 +348,11 @@ def test_malformed_signature_fields_are_rejected_and_the_agent_keeps_listening(
             # nested deeper than the interpreter's stack when the signed bytes are computed
             b'{"revision": 6, ' + signed_by + b', "x": ' + b"[" * 1000 + b"]" * 1000 + b"}",
         ]
+        # not retained (each must arrive, not only the last): wait for the agent's subscription
+        wait_until(lambda: agent.status()["sync"]["connected"], 20, what="the agent's MQTT session")
         for payload in hostile:
             publish_bytes(broker, TOPICS.desired, payload)
-        wait_until(lambda: agent.status()["counters"]["bad_messages"] == bad + 3, 10, what="malformed rejections")
+        wait_until(lambda: agent.status()["counters"]["bad_messages"] == bad + 3, 20, what="malformed rejections")
         assert agent.status()["last_rejection"]["reason"] == "bad_signature"
         guard.check()
         # the agent still listens: the genuine document applies
