@@ -9,8 +9,14 @@
 Needs the ``train`` extra (torch, scikit-learn); :mod:`._torch` is imported only when a
 run starts, so recipes, snapshots and runs can be read without torch.
 
+In the coordinator, :class:`TrainingService` runs recipes on a background thread (one
+at a time) and :class:`ContinuousTraining` retrains on drift, on a schedule or on new
+labels (see :mod:`._service` and docs/training.md).
+
 Errors: :class:`InvalidRecipe` (a ConfigError naming the key), :class:`TrainingError`
-(the run is recorded as failed), and the coordinator's InvalidInput / NotFound.
+(the run is recorded as failed), :class:`TrainingBusy` (a Conflict: a run is in
+progress), :class:`TrainingUnavailable` (no torch here), and the coordinator's
+InvalidInput / NotFound.
 """
 
 from ._data import Snapshot, build_snapshot, load_snapshot, save_snapshot, snapshot_hash
@@ -18,9 +24,11 @@ from ._pipeline import TrainingError, code_version, split, train
 from ._quantize import Evaluation, GateDecision, gate
 from ._recipe import DEFAULT_MARGIN, InvalidRecipe, Recipe, load_recipe
 from ._runs import RunRecord, RunStore, compare_runs
+from ._service import ContinuousTraining, TrainingBusy, TrainingService, TrainingUnavailable
 
 __all__ = [
     "DEFAULT_MARGIN",
+    "ContinuousTraining",
     "Evaluation",
     "GateDecision",
     "InvalidRecipe",
@@ -28,7 +36,10 @@ __all__ = [
     "RunRecord",
     "RunStore",
     "Snapshot",
+    "TrainingBusy",
     "TrainingError",
+    "TrainingService",
+    "TrainingUnavailable",
     "build_snapshot",
     "code_version",
     "compare_runs",
