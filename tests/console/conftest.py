@@ -37,6 +37,23 @@ GATES = [{"metric": "accuracy", "threshold": 0.02, "min_samples": 30}, {"metric"
          {"metric": "psi", "threshold": 0.2}, {"metric": "health", "threshold": 0}]
 
 
+def _training_reference(path: Path) -> dict[str, Any]:
+    """The drift reference a training run keeps with its model (when the coordinator measures drift):
+    input bins and predicted classes on standard-normal rows, like the simulator's inputs."""
+    try:
+        from cloud.drift import build_reference
+    except ImportError:
+        return {}
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    spec = session.get_inputs()[0]
+    x = np.random.default_rng(1).standard_normal((2000, int(spec.shape[-1]))).astype(np.float32)
+    top1 = np.argmax(session.run(None, {spec.name: x})[0], axis=-1)
+    return {"drift_reference": build_reference(x, top1, input_name=spec.name)}
+
+
 class Site:
     """Everything the console shows, built for real."""
 
@@ -53,7 +70,8 @@ class Site:
         paths = {}
         for version, parent, metrics, seed in RELEASES:
             paths[version] = modelgen.build_onnx_mlp(tmp / f"mlp-{version}.onnx", seed=seed, version=version)
-            data = {"name": "mlp", "version": version, "metrics": json.dumps(metrics), "parent": parent or ""}
+            data = {"name": "mlp", "version": version, "metrics": json.dumps(metrics), "parent": parent or "",
+                    "params": json.dumps(_training_reference(paths[version]))}
             with paths[version].open("rb") as fh:
                 r = self.http.post("/v1/models", data=data, files={"file": (paths[version].name, fh)})
             assert r.status_code == 201, r.text

@@ -99,6 +99,7 @@ def test_fleet_page_shows_the_fleet(site: Site, page: Any, shots: Path) -> None:
 
 def test_device_page_plots_its_telemetry(site: Site, page: Any, shots: Path) -> None:
     canary = sorted(d for d, s in site.reported().items() if s["active"]["version"] == "1.1.0")[0]
+    drift = site.http.post("/v1/drift/measure", params={"fleet": FLEET})  # where the coordinator measures drift
     _open(page, site, f"/console/devices/{FLEET}/{canary}")
     assert canary in page.locator("h1").inner_text()
     assert _card(page, "model") == "mlp@1.1.0"
@@ -108,12 +109,17 @@ def test_device_page_plots_its_telemetry(site: Site, page: Any, shots: Path) -> 
     assert page.locator("[data-testid=distribution] svg rect").count() >= 2
     events = page.locator("#events").inner_text()
     assert "update_state" in events and "agent_started" in events  # its update history
+    if drift.status_code == 200:  # the fleet's drift on 1.1.0 against its training reference
+        [d] = [d for d in drift.json() if d["cohort"] == "*" and d["version"] == "1.1.0"]
+        shown = _card(page, "training-drift")
+        assert shown == (f"{d['psi']:.3f}" if d["psi"] is not None else d["status"].replace("_", " "))
     state = site.http.get(f"/v1/devices/{FLEET}/{canary}").json()["reported_state"]
     assert f'"applied_revision": {state["applied_revision"]}' in page.locator("pre").first.inner_text()
     _shot(page, shots, "device")
 
 
 def test_models_page_shows_versions_lineage_and_metrics(site: Site, page: Any, shots: Path) -> None:
+    drift = site.http.post("/v1/drift/measure", params={"fleet": FLEET})  # where the coordinator measures drift
     _open(page, site, "/console/models")
     models = site.http.get("/v1/models").json()
     assert page.locator("#models tbody tr").count() == len(models) == 4
@@ -126,6 +132,12 @@ def test_models_page_shows_versions_lineage_and_metrics(site: Site, page: Any, s
     running = _versions(site).get("mlp@1.1.0", 0)
     assert re.search(rf"\b{running} \({running} online\)", row), row
     assert "champion" in page.locator('#models tr[data-ref="mlp@1.0.0"]').inner_text()
+    if drift.status_code == 200:  # against each version's training reference
+        for d in (d for d in drift.json() if d["cohort"] == "*"):
+            row = page.locator(f'#drift tr[data-drift="mlp@{d["version"]}"][data-cohort="*"]').inner_text()
+            assert d["status"].replace("_", " ") in row
+            if d["psi"] is not None:
+                assert f"{d['psi']:.4g}" in row
     _shot(page, shots, "models")
 
 

@@ -108,7 +108,11 @@
     window: 600,
     async load(fleetId, deviceId) {
       const base = `/v1/console/devices/${encodeURIComponent(fleetId)}/${encodeURIComponent(deviceId)}`;
-      return api(`${base}/series?window_s=${this.window}&buckets=40`);
+      const [s, drift] = await Promise.all([api(`${base}/series?window_s=${this.window}&buckets=40`),
+        driftMeasurements(`?fleet=${encodeURIComponent(fleetId)}`)]);
+      const active = (s.device.reported_state || {}).active || {};
+      s.training_drift = (drift || []).find((d) => d.cohort === "*" && d.model === active.name && d.version === active.version) || null;
+      return s;
     },
     render(s) {
       const d = s.device, state = d.reported_state || {}, active = state.active || {};
@@ -150,6 +154,7 @@
           ${card(`Accuracy (${s.feedback.labeled} labels)`, accuracy)}
           ${card("Drift PSI (window)", s.drift_psi === null ? "–" : s.drift_psi.toFixed(3), s.drift_psi > 0.2 ? "bad" : "")}
           ${card("Records / gaps", `${d.records} / ${d.gaps}`)}
+          ${s.training_drift ? card("Model drift (training ref.)", s.training_drift.psi === null ? s.training_drift.status.replace(/_/g, " ") : s.training_drift.psi.toFixed(3), s.training_drift.status === "drift" ? "bad" : "", "training-drift") : ""}
         </div>
         <div class="grid cols-2">
           ${panel("Latency per " + (s.bucket_s < 10 ? s.bucket_s.toFixed(1) : Math.round(s.bucket_s)) + " s", lat, ' data-testid="latency"')}
@@ -174,11 +179,34 @@
   };
 
   // ------------------------------------------------------------------ models
+  /** Drift measurements against the training reference, where the coordinator makes them
+   * (GET /v1/drift); null when it does not. */
+  const driftMeasurements = (query = "") => api("/v1/drift" + query).catch(() => null);
+
+  function driftPanel(measured) {
+    if (!measured) return "";
+    if (!measured.length) return panel("Drift against the training reference", '<div class="empty">no measurement yet</div>', ' data-testid="drift"');
+    const all = measured.filter((d) => d.cohort === "*");
+    const threshold = measured[0].threshold;
+    const chart = P.bars({
+      rows: all.filter((d) => d.psi !== null).map((d) => ({ label: `${d.model}@${d.version}`, value: d.psi, color: d.status === "drift" ? "#d64545" : "#1f9d55" })),
+      format: (v) => v.toFixed(3), labelWidth: 130, max: threshold * 1.5, refLines: [{ value: threshold, label: "threshold" }],
+      empty: "no version has enough telemetry or a training reference",
+    });
+    const rows = measured.map((d) => `<tr data-drift="${esc(d.model + "@" + d.version)}" data-cohort="${esc(d.cohort)}">
+      <td><b>${esc(d.model)}@${esc(d.version)}</b></td><td>${esc(d.fleet)}</td><td>${esc(d.cohort)}</td><td>${badge(d.status.replace(/_/g, " "), d.status === "drift" ? "bad" : d.status === "ok" ? "ok" : "warn")}</td>
+      <td class="num">${num(d.psi)}</td><td class="num">${num(d.prediction_psi)}</td><td class="num">${num(d.input_psi)}</td>
+      <td class="num">${d.predictions}</td><td>${fmtTime(d.ts)}</td><td>${esc(d.reason || "")}</td></tr>`);
+    return `<div class="grid">${panel("Drift against the training reference", chart +
+      table(["Version", "Fleet", "Cohort", "Status", "PSI#", "Predictions PSI#", "Inputs PSI#", "Predictions#", "Measured", "Why"], rows, ' id="drift"'), ' data-testid="drift"')}</div>`;
+  }
+
   const models = {
     title: "Models",
     topics: ["models", "devices"],
     async load() {
-      return api("/v1/console/models");
+      const [m, drift] = await Promise.all([api("/v1/console/models"), driftMeasurements()]);
+      return { ...m, drift };
     },
     render(m) {
       const graph = P.lineage({
@@ -204,7 +232,8 @@
       return `<h1>Models <small>${m.models.length} versions</small></h1>
         ${panel("Lineage", graph + '<p class="muted">Arrows go from the model a version was derived from to the version. Green: running on devices.</p>', ' data-testid="lineage"')}
         <div class="grid" style="margin-top:16px">${panel("Versions", `<div class="scroll">${table(["Version", "Format", "Quantization", "Size#", "sha256", "Signature", "Aliases", "Parent", "Metrics", "Devices#", "Registered"], rows, ' id="models"')}</div>`)}</div>
-        ${keys.length ? `<div class="grid cols-3">${metricPlots}</div>` : ""}`;
+        ${keys.length ? `<div class="grid cols-3">${metricPlots}</div>` : ""}
+        ${driftPanel(m.drift)}`;
     },
   };
 

@@ -84,7 +84,7 @@
     const f = o.format || plain;
     const text = (r) => f(r.value) + (r.note ? " " + r.note : "");
     const room = Math.max(60, ...rows.map((r) => text(r).length * 6.6 + 10)); // for the value after the bar
-    let svg = `<svg class="plot" viewBox="0 0 ${W} ${H}" role="img" aria-label="${esc(o.title || "bars")}">`;
+    let svg = `<svg class="plot" viewBox="0 0 ${W} ${H}" style="max-width:${W}px" role="img" aria-label="${esc(o.title || "bars")}">`;
     rows.forEach((r, i) => {
       const y = 4 + i * row, w = Math.max(1, (r.value / max) * (W - LW - room));
       svg += `<text x="${LW - 8}" y="${y + 16}" text-anchor="end">${esc(r.label)}</text>`;
