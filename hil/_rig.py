@@ -55,6 +55,14 @@ BASE_AGENT_ENV = {
 DISK_BYTES = 24 * 1024 * 1024  # the data directory's filesystem, when the scenario fills it
 
 
+def crash_env(at: str) -> dict[str, str]:
+    """Settings that cut the agent's power (SIGKILL) when its update enters state ``at``."""
+    env = {"EDGEML_UPDATE_CRASH_AT": at}
+    if at == "rolling_back":  # reach rolling_back: a probation latency budget no model meets
+        env.update(EDGEML_UPDATES__PROBATION_LATENCY_BUDGET_MS="0.000001", EDGEML_UPDATES__PROBATION_MIN_PREDICTIONS="5")
+    return env
+
+
 def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.05) -> T | None:
     """Poll until ``predicate`` returns something truthy; None after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -86,6 +94,8 @@ class Rig:
         self.expected: ModelSpec = scenario.model
         self.wrapper: list[str] = []
         self.extra_env: dict[str, str] = {}
+        self.model_files: dict[str, Path] = {}
+        self.armed: str | None = None  # the update crash point the running agent was started with
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Rig:
@@ -112,11 +122,15 @@ class Rig:
         if wait_for(lambda: self.coordinator.desired.is_leader, 15) is None:
             raise RigError("the coordinator did not become the desired-state leader")
         self.http = httpx.Client(base_url=self.coordinator.url, timeout=30)
-        if any(s.fault and s.fault.kind == "full_disk" for s in self.scenario.steps):
+        local = getattr(self.target, "supports_local_faults", True)
+        if local and any(s.fault and s.fault.kind == "full_disk" for s in self.scenario.steps):
             self._mount_data_dir()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        set_tunnels = getattr(self.target, "set_tunnels", None)
+        if set_tunnels is not None:  # a remote device reaches the broker and coordinator through ssh
+            set_tunnels([self.proxy.port, self.coordinator.address[1]], [self.api_port])
         self.target.prepare(self.workdir)
-        self.start_agent()
+        self.start_agent(**self._boot_env())
         self.deploy(self.scenario.model)
         if not self.wait_model(self.scenario.model, self.scenario.budgets.recover_s + 10):
             raise RigError(f"the agent did not come up on {self.scenario.model.ref}: {self.agent_status_brief()}")
@@ -150,6 +164,17 @@ class Rig:
         env.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in self.scenario.agent.items()})
         env.update(self.extra_env)
         return env
+
+    def _boot_env(self) -> dict[str, str]:
+        """Settings of the first start. A scenario with a power cut during an update boots the
+        agent on the primary model file (the registered bytes: its deployment is then
+        ``already_active``) with the crash point armed, which saves a restart."""
+        cut = next((s.fault for s in self.scenario.steps if s.fault and s.fault.kind == "power_cut_update"), None)
+        if cut is None or getattr(self.target, "supports_local_faults", True) is False:
+            return {}
+        self.register(self.scenario.model)
+        self.armed = cut.at
+        return {"EDGEML_MODEL_PATH": str(self.model_files[self.scenario.model.ref]), **crash_env(cut.at)}
 
     def start_agent(self, **extra: str) -> None:
         self.target.start({**self.agent_env(), **extra}, self.wrapper)
@@ -205,6 +230,7 @@ class Rig:
             return self.registered[spec.ref]
         assert self.http is not None
         path = build_model(self.recorded, spec, self.workdir / "models")
+        self.model_files[spec.ref] = path
         with path.open("rb") as fh:
             r = self.http.post("/v1/models", data={"name": spec.name, "version": spec.version},
                                files={"file": (path.name, fh)})
@@ -241,6 +267,17 @@ class Rig:
         os.chmod(path, 0o644)
         path.write_bytes(bytes(data))
 
+    # ------------------------------------------------------------------ the clock
+    def skew_clock(self, offset_s: float) -> None:
+        """Offset the agent's wall clock from its next start: a ``sitecustomize`` on its
+        PYTHONPATH shifts ``time.time``/``time_ns`` (the clock it stamps records and checks
+        expiries with). The monotonic clock is left alone, as on a device whose RTC is wrong."""
+        d = self.workdir / "clock-skew"
+        d.mkdir(exist_ok=True)
+        (d / "sitecustomize.py").write_text(_SKEW_SOURCE)
+        self.extra_env.update(EDGEML_HIL_CLOCK_OFFSET_S=str(offset_s),
+                              PYTHONPATH=os.pathsep.join(filter(None, [str(d), os.environ.get("PYTHONPATH")])))
+
     # ------------------------------------------------------------------ the disk
     def _mount_data_dir(self) -> None:
         """A small tmpfs for the agent's data directory, so filling it is safe."""
@@ -270,3 +307,16 @@ class Rig:
     def free_bytes(self) -> int:
         st = os.statvfs(self.data_dir)
         return st.f_bavail * st.f_frsize
+
+
+_SKEW_SOURCE = """\
+# Written by the edgeml HIL rig: the agent's wall clock runs EDGEML_HIL_CLOCK_OFFSET_S seconds off.
+import os as _os
+import time as _time
+
+_offset = float(_os.environ.get("EDGEML_HIL_CLOCK_OFFSET_S", "0") or 0)
+if _offset:
+    _real_time, _real_time_ns = _time.time, _time.time_ns
+    _time.time = lambda: _real_time() + _offset
+    _time.time_ns = lambda: _real_time_ns() + int(_offset * 1e9)
+"""

@@ -29,7 +29,7 @@ from typing import Any
 
 from ._exceptions import HilError
 from ._replay import Background, Phase, Replayer
-from ._rig import Rig, wait_for
+from ._rig import Rig, crash_env, wait_for
 from ._scenario import Budgets, Deploy, Fault, ModelSpec, Replay, Scenario
 from ._targets import Target, make_target
 
@@ -136,6 +136,18 @@ def run_scenario(scenario: Scenario, target: str | Target = "local", workdir: Pa
         if own:
             shutil.rmtree(root, ignore_errors=True)
     return result
+
+
+def parse_offset(text: str) -> float:
+    """``+6h``, ``-90m``, ``+30s``, ``-1d`` or plain seconds -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip()
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise HilError(f"bad clock offset {text!r}: use e.g. +6h, -90m, +30s") from None
 
 
 def _log_tail(dut: Target) -> str:
@@ -266,13 +278,12 @@ class _Steps:
         rig = self.rig
         assert fault.candidate is not None
         rig.register(fault.candidate)
-        extra = {"EDGEML_UPDATE_CRASH_AT": fault.at}
-        if fault.at == "rolling_back":  # reach rolling_back: a probation latency budget no model meets
-            extra.update(EDGEML_UPDATES__PROBATION_LATENCY_BUDGET_MS="0.000001", EDGEML_UPDATES__PROBATION_MIN_PREDICTIONS="5")
-        rig.target.stop()
-        rig.start_agent(**extra)
-        if not rig.wait_healthy(self.budgets["recover_s"]):
-            raise HilError("the agent did not start for the power cut")
+        if rig.armed != fault.at:  # restart with the crash point armed
+            rig.target.kill()
+            rig.start_agent(**crash_env(fault.at))
+            if not rig.wait_healthy(self.budgets["recover_s"]):
+                raise HilError("the agent did not start for the power cut")
+        rig.armed = None
         revision = rig.deploy(fault.candidate)
         died = wait_for(lambda: not rig.target.alive(), 30, 0.05)
         case.details["cut_at"] = fault.at
@@ -310,6 +321,9 @@ class _Steps:
 
     def _f_full_disk(self, fault: Fault, case: Case) -> None:
         rig = self.rig
+        if not getattr(rig.target, "supports_local_faults", True):
+            case.skipped = f"full_disk needs a filesystem the rig mounts; not supported on {rig.target.name}"
+            return
         if not rig.mounted:
             case.skipped = rig.mount_note or "the data directory is not on a filesystem the rig can fill"
             return
@@ -335,16 +349,16 @@ class _Steps:
 
     def _f_clock_skew(self, fault: Fault, case: Case) -> None:
         rig = self.rig
-        if shutil.which("faketime") is None:
-            case.skipped = "faketime is not installed (apt install faketime): the agent's clock cannot be skewed"
+        if not getattr(rig.target, "supports_local_faults", True):
+            case.skipped = f"clock_skew injects into the agent's process; not supported on {rig.target.name}"
             return
-        rig.target.stop()
-        rig.wrapper = ["faketime", "-f", fault.offset]
-        rig.extra_env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"  # skew the wall clock only, as NTP trouble does
+        offset = parse_offset(fault.offset)
+        rig.target.kill()
+        rig.skew_clock(offset)
         rig.start_agent()
         if not rig.wait_healthy(self.budgets["recover_s"]):
             raise HilError("the agent did not start with a skewed clock")
-        case.details["agent_clock_offset"] = fault.offset
+        case.details["agent_clock_offset_s"] = offset
         if fault.candidate is not None:
             revision = rig.deploy(fault.candidate)
             status = rig.wait_update_done(revision, self.budgets["recover_s"] + 20)

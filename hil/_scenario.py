@@ -76,7 +76,7 @@ class Fault(_Frozen):
     loss: float = Field(0.1, gt=0, le=1, description="packet_loss: share of forwarded chunks that reset the connection")
     at: str = Field("switching", description="power_cut_update: the update state to cut power in")
     candidate: ModelSpec | None = Field(None, description="model deployed during the fault (updates)")
-    offset: str = Field("+6h", description="clock_skew: faketime offset of the agent's clock")
+    offset: str = Field("+6h", description="clock_skew: offset of the agent's wall clock (+6h, -90m, +30s)")
     expect_model: Literal["primary", "candidate"] | None = Field(
         None, description="which model the device must run after the fault (default: primary)")
 
