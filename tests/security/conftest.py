@@ -59,14 +59,16 @@ class TLSBroker(MosquittoBroker):
     """Mosquitto with configs/mosquitto/mosquitto.conf and acl as shipped; only the paths,
     the port (loopback) and the log destination are rewritten for the test."""
 
-    def __init__(self, workdir: Path, fleet: Fleet) -> None:
+    def __init__(self, workdir: Path, fleet: Fleet, server: pki.Issued | None = None) -> None:
+        """``server``: the certificate it presents (default: the fleet's broker certificate)."""
         if shutil.which("mosquitto") is None:
             pytest.skip("mosquitto is not installed")
         super().__init__(workdir)
         self.acl = workdir / "acl"
         shutil.copyfile(SHIPPED / "acl", self.acl)
         self.log = workdir / "mosquitto.log"
-        files = {"cafile": fleet.ca.cert_path, "certfile": fleet.broker.cert, "keyfile": fleet.broker.key,
+        server = server or fleet.broker
+        files = {"cafile": fleet.ca.cert_path, "certfile": server.cert, "keyfile": server.key,
                  "crlfile": fleet.ca.crl_path, "acl_file": self.acl, "persistence_location": f"{workdir}/"}
         lines = []
         for line in (SHIPPED / "mosquitto.conf").read_text().splitlines():

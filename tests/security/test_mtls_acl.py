@@ -119,6 +119,22 @@ def test_only_client_certificates_of_the_fleet_ca_get_in(tls_broker: TLSBroker, 
     assert tls_handshake_refused(tls_broker, fleet.enroll("dev-ok")) is None
 
 
+def test_devices_check_the_broker_they_talk_to(tmp_path: Path, fleet: Fleet) -> None:
+    device = fleet.enroll("dev-a")
+    # a stolen device key set up as a broker (its certificate even names this address): the
+    # fleet CA signed it, but for clientAuth only
+    stolen = fleet.ca.issue("dev-s", "device", tmp_path / "stolen", hosts=["127.0.0.1"])
+    # a genuine broker certificate, for another host name
+    elsewhere = fleet.ca.issue_broker(tmp_path / "elsewhere", ["mqtt.example.com"])
+    for name, server in (("stolen", stolen), ("elsewhere", elsewhere), ("genuine", None)):
+        broker = TLSBroker(tmp_path / f"broker-{name}", fleet, server=server).start()
+        try:
+            refused = tls_handshake_refused(broker, device)
+            assert (refused is None) == (name == "genuine"), (name, refused)
+        finally:
+            broker.stop()
+
+
 def _without_certificate(port: int, ca: Path) -> str | None:
     """TLS that trusts the broker but shows no certificate: the refusal, or None if it got a CONNACK."""
     ctx = ssl.create_default_context(cafile=str(ca))
