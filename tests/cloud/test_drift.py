@@ -90,6 +90,36 @@ def test_the_sensor_stream_is_deterministic_and_drift_hurts_a_fixed_rule() -> No
     assert (nearest(x) == y).mean() > 0.9 > 0.7 > (nearest(xd) == yd).mean()
 
 
+def test_simulated_devices_read_the_sensor_and_send_joinable_samples_and_labels(tmp_path: Path) -> None:
+    import orjson
+
+    from edgeml.sim import Faults, Simulator
+
+    model = modelgen.build_onnx_mlp(tmp_path / "m.onnx", n_in=8, name="sensor", version="1")
+    stream = SensorStream()
+    sim = Simulator("mqtt://127.0.0.1:1", model, devices=1, fleet="f", workdir=tmp_path / "sim", sensor=stream,
+                    sample_rate=0.5, feedback_rate=1.0, faults=Faults(drift=0.1, drift_per_s=0.05))
+    assert sim.drift_now() == 0.1  # not started: the drift has not begun rising
+    sim.started_at = time.monotonic() - 10
+    assert sim.drift_now() == pytest.approx(0.1 + 0.5, abs=0.01)
+    [device] = sim.devices
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        device.predict(rng)  # the loop thread's work, run here (not started: nothing is sent)
+    records = [orjson.loads(r) for r in device.pending]
+    samples = {r["prediction_id"]: r for r in records if r["kind"] == "sample"}
+    feedback = [r for r in records if r["kind"] == "feedback"]
+    assert len(feedback) == 200 and 60 < len(samples) < 140
+    assert len({f["prediction_id"] for f in feedback}) == 200
+    joined = [(samples[f["prediction_id"]], f) for f in feedback if f["prediction_id"] in samples]
+    assert len(joined) == len(samples)
+    # the label is the stream's ground truth: the drifted reading lies nearest its class's drifted mean
+    drift = sim.drift_now()
+    means = stream.distort(stream.class_means, drift)
+    nearest = [int(np.argmin(((np.asarray(s["inputs"]["input"][0]) - means) ** 2).sum(1))) for s, _ in joined]
+    assert np.mean([n == f["label"] for n, (_, f) in zip(nearest, joined, strict=True)]) > 0.8
+
+
 # ---------------------------------------------------------------------- measurements on a store
 def _records(rows: np.ndarray, top1: list[int], model: str, version: str, t0: float) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
