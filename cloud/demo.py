@@ -2,7 +2,8 @@
 
     edgeml demo [--devices 20] [--duration S] [--headless] [--port 8480]
 
-What runs, all real: a private Mosquitto (on a free port), the coordinator on SQLite
+What runs, all real: a private Mosquitto on a free port (or, without Mosquitto on the
+PATH, an in-process amqtt broker), the coordinator on SQLite
 (signed desired states, ingestion, rollout engine, continuous training, the web
 console), and ``--devices`` device agents (:class:`edgeml.Agent`, each with its own
 SQLite buffer, MQTT session and update state machine) fed by an application thread:
@@ -211,13 +212,10 @@ def run_demo(devices: int = 20, duration: float | None = None, headless: bool = 
         print(f"edgeml demo needs the cloud and train extras ({exc.name} is missing): "
               "pip install 'edgeml[cloud,train]'")
         return 2
-    if shutil.which("mosquitto") is None:
-        print("edgeml demo needs Mosquitto on the PATH (Debian/Ubuntu: sudo apt install mosquitto)")
-        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # the agents start without a model on purpose (the coordinator deploys it): the stages say
     # what happens; the agents' and the coordinator's own warnings would only repeat it twenty-fold
-    for name in ("edgeml", "cloud"):
+    for name in ("edgeml", "cloud", "apscheduler"):
         logging.getLogger(name).setLevel(logging.ERROR)
     ui = _UI(headless)
     own_dir = workdir is None
@@ -250,11 +248,12 @@ def _run(ui: _UI, root: Path, stack: list[Callable[[], None]], n_devices: int, d
     from cloud.coordinator import Coordinator
     from cloud.keys import generate_keys
     from edgeml import Agent, AgentConfig
-    from edgeml._testing.broker import MosquittoBroker, free_port
+    from edgeml._testing.broker import MosquittoBroker, free_port, start_broker
 
-    broker = MosquittoBroker(root / "broker").start()
+    broker = start_broker(root / "broker")  # Mosquitto when it is on the PATH, else in-process (amqtt)
     stack.append(broker.stop)
-    ui.say(f"broker       Mosquitto on {broker.url}")
+    kind = "Mosquitto" if isinstance(broker, MosquittoBroker) else "embedded broker (amqtt; Mosquitto is not on the PATH)"
+    ui.say(f"broker       {kind} on {broker.url}")
     keys = root / "keys"
     generate_keys(keys)
     os.environ.setdefault("EDGEML_ROLLOUTS_TICK_S", "0.5")

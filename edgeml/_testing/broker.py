@@ -72,3 +72,73 @@ class MosquittoBroker:
             self.proc.send_signal(sig)
             self.proc.wait(10)
             self.proc = None
+
+
+class EmbeddedBroker:
+    """A Python MQTT 3.1.1 broker (amqtt) in a child process, for machines without
+    Mosquitto: the demo falls back to it. Same interface as :class:`MosquittoBroker`; no
+    persistence (a restart loses sessions), loopback only. A child process, not a thread:
+    in the demo's process it would share the GIL with twenty agents and the coordinator."""
+
+    def __init__(self, workdir: Path | None = None, port: int | None = None) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("amqtt") is None:
+            raise EdgemlError("no MQTT broker: install Mosquitto (apt install mosquitto) "
+                              "or the amqtt package (pip install amqtt)")
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> EmbeddedBroker:
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _AMQTT_MAIN, str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise EdgemlError(f"the embedded MQTT broker (amqtt) did not listen on port {self.port}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.proc = None
+
+
+_AMQTT_MAIN = """
+import asyncio, logging, signal, sys
+from amqtt.broker import Broker
+logging.basicConfig(level=logging.ERROR)
+async def main():
+    broker = Broker({"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:" + sys.argv[1]}},
+                     "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}})
+    await broker.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await broker.shutdown()
+asyncio.run(main())
+"""
+
+
+def start_broker(workdir: Path) -> MosquittoBroker | EmbeddedBroker:
+    """Mosquitto when it is on the PATH, else the embedded broker."""
+    if shutil.which("mosquitto") is not None:
+        return MosquittoBroker(workdir).start()
+    return EmbeddedBroker(workdir).start()
