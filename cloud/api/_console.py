@@ -55,6 +55,8 @@ __all__ = ["console_router"]
 
 #: Most telemetry rows one series request reads (newest first): bounds the work per request.
 MAX_ROWS = 20_000
+#: The fleet's class distribution (the device page's drift reference) is read from this many of its latest predictions.
+REFERENCE_ROWS = 5_000
 #: Drift buckets are this many latency buckets wide, and need this many predictions for a PSI.
 DRIFT_COARSER, DRIFT_MIN = 4, 20
 #: Telemetry fresher than this (seconds) counts as a device that is sending.
@@ -244,7 +246,7 @@ def device_telemetry(store: Store, fleet: str, device: str, now: float, window_s
                           "AND kind IN ('prediction', 'feedback') ORDER BY ts DESC LIMIT ?",
                           (fleet, device, t0, MAX_ROWS)).fetchall()
         fleet_rows = tx.execute("SELECT body FROM telemetry WHERE fleet = ? AND kind = 'prediction' AND ts >= ? "
-                                "ORDER BY ts DESC LIMIT ?", (fleet, t0, MAX_ROWS)).fetchall()
+                                "ORDER BY ts DESC LIMIT ?", (fleet, t0, REFERENCE_ROWS)).fetchall()
         events = tx.execute("SELECT ts, seq, body FROM telemetry WHERE fleet = ? AND device_id = ? "
                             "AND kind = 'event' ORDER BY ts DESC LIMIT 50", (fleet, device)).fetchall()
     if rows:  # a device younger than the window: its buckets span what it sent
