@@ -24,7 +24,7 @@ def test_predict_health_status(base: str) -> None:
     r = httpx.post(f"{base}/v1/predict", json={"inputs": {"input": [[0.1, 0.2, 0.3, 0.4]]}})
     assert r.status_code == 200
     body = r.json()
-    assert set(body) == {"outputs", "model", "version", "latency_us"}
+    assert set(body) == {"id", "outputs", "model", "version", "latency_us"}
     assert len(body["outputs"]["probs"][0]) == 3 and abs(sum(body["outputs"]["probs"][0]) - 1) < 1e-5
     assert (body["model"], body["version"]) == ("mlp", "1.0.0")
     assert httpx.get(f"{base}/v1/health").json() == {"status": "ok", "model": "mlp", "version": "1.0.0"}

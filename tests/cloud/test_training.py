@@ -85,7 +85,7 @@ def test_shipped_recipes_load() -> None:
     for path in sorted(RECIPES.glob("*.yaml")):
         recipe = load_recipe(path)
         assert recipe.quantization.margin == DEFAULT_MARGIN == 0.01
-        assert recipe.data.sources[0].type == "sklearn"
+        assert recipe.data.sources[0].type in ("sklearn", "sensor")  # offline data only: nothing downloaded
         assert recipe.export.opset == 17
 
 
