@@ -440,11 +440,14 @@ class _Pool:
         self._slots = threading.BoundedSemaphore(size)
         self._all: list[Any] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[Any]:
         self._slots.acquire()
         try:
+            if self._closed:
+                raise StoreError("the store is closed")
             try:
                 conn = self._idle.get_nowait()
             except queue.Empty:
@@ -457,11 +460,17 @@ class _Pool:
                 self.discard(conn)  # it may be unusable (server gone); the next call connects again
                 raise
             except BaseException:
-                self._idle.put(conn)  # rolled back, still good
+                self._release(conn)  # rolled back, still good
                 raise
-            self._idle.put(conn)
+            self._release(conn)
         finally:
             self._slots.release()
+
+    def _release(self, conn: Any) -> None:
+        if self._closed:  # closed while this thread used it: close it now, not under its feet
+            self.discard(conn)
+        else:
+            self._idle.put(conn)
 
     def discard(self, conn: Any) -> None:
         with self._lock:
@@ -471,11 +480,15 @@ class _Pool:
             conn.close()
 
     def close(self) -> None:
-        with self._lock:
-            conns, self._all = self._all, []
-        for conn in conns:
-            with contextlib.suppress(Exception):
-                conn.close()
+        """Close the idle connections now and those in use when their transaction ends
+        (closing a connection another thread is using can crash the driver)."""
+        self._closed = True
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            self.discard(conn)
 
 
 class Store(ABC):

@@ -250,3 +250,37 @@ def test_bad_urls() -> None:
         with pytest.raises(ConfigError):
             open_store(url)
 
+
+
+def test_closing_the_store_never_closes_a_connection_under_a_running_transaction(
+        make_store: Callable[[], Store]) -> None:
+    import threading
+
+    from cloud._exceptions import StoreError
+
+    store = make_store()
+    store.upsert_device("f", "dev-1")
+    inside, closed, done = threading.Event(), threading.Event(), threading.Event()
+    seen: list[object] = []
+
+    def worker() -> None:
+        try:
+            with store.transaction() as tx:
+                inside.set()
+                closed.wait(10)
+                seen.append(tx.execute("SELECT COUNT(*) FROM devices").fetchone()[0])  # still usable
+        except Exception as exc:  # the assertion below names it
+            seen.append(exc)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert inside.wait(10)
+    store.close()  # a shutdown while another thread is mid-transaction
+    closed.set()
+    assert done.wait(10)
+    t.join()
+    assert seen == [1]
+    with pytest.raises(StoreError, match="closed"), store.transaction() as tx:
+        tx.execute("SELECT 1")
