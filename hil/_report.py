@@ -111,7 +111,9 @@ def latency_svg(r: RunResult, width: int = 760, height: int = 220) -> str:
     if not samples:
         return "<p>(no answered predictions to plot)</p>"
     t_max = max([t for t, _, _ in samples] + [p.end for p in r.phases]) or 1.0
-    y_max = max([ms for _, ms, _ in samples] + ([budget] if budget else [])) * 1.1 or 1.0
+    top = max(ms for _, ms, _ in samples)
+    on_chart = bool(budget) and budget <= top * 2  # a budget far above the points would flatten them
+    y_max = max(top, budget if on_chart and budget else 0.0) * 1.1 or 1.0
     w, h = width - pad_l - pad_r, height - pad_t - pad_b
 
     def x(t: float) -> float:
@@ -133,7 +135,10 @@ def latency_svg(r: RunResult, width: int = 760, height: int = 220) -> str:
         parts.append(f'<text x="{pad_l - 4}" y="{y(ms) + 4:.1f}" text-anchor="end" font-size="10">{ms:.2f}</text>')
     parts.append(f'<text x="{pad_l + w}" y="{height - 8}" text-anchor="end" font-size="10">{t_max:.1f} s</text>')
     parts.append(f'<text x="{pad_l}" y="{height - 8}" font-size="10">inference latency (ms) over the run</text>')
-    if budget:
+    if budget and not on_chart:
+        parts.append(f'<text x="{pad_l + w}" y="{pad_t + 10}" text-anchor="end" font-size="10" fill="#c53030">'
+                     f'p95 budget {budget} ms (above the chart)</text>')
+    elif budget:
         parts.append(f'<line x1="{pad_l}" y1="{y(budget):.1f}" x2="{pad_l + w}" y2="{y(budget):.1f}" stroke="#c53030" '
                      f'stroke-dasharray="4 3"><title>p95 budget {budget} ms</title></line>')
     for t, ms, kind in samples:
