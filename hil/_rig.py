@@ -258,6 +258,11 @@ class Rig:
         r = self.http.get(f"/v1/devices/{FLEET}/{DEVICE}")
         return r.json() if r.status_code == 200 else {}
 
+    def telemetry(self, kind: str) -> list[dict[str, Any]]:
+        assert self.http is not None
+        r = self.http.get(f"/v1/devices/{FLEET}/{DEVICE}/telemetry", params={"kind": kind, "limit": 100_000})
+        return r.json() if r.status_code == 200 else []
+
     def tamper_artifact(self, sha256: str) -> None:
         """Flip bytes in the stored artifact (same size): what a bad disk or a middlebox does."""
         path = self.coordinator.artifacts.path(sha256)

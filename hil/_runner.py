@@ -164,6 +164,7 @@ class _Steps:
         self.t0 = t0
         self.name = rig.scenario.name
         self.also_fine: set[str] = set()  # refs besides rig.expected the device may end on
+        self.killed = False  # a kill -9 happened: the last flush window may be lost by design
 
     def run(self) -> None:
         for i, step in enumerate(self.rig.scenario.steps, 1):
@@ -270,6 +271,7 @@ class _Steps:
             broker.start()
 
     def _f_kill_agent(self, fault: Fault, case: Case) -> None:
+        self.killed = True
         self.rig.target.kill()
         time.sleep(fault.seconds)
         self.rig.start_agent()
@@ -284,6 +286,7 @@ class _Steps:
             if not rig.wait_healthy(self.budgets["recover_s"]):
                 raise HilError("the agent did not start for the power cut")
         rig.armed = None
+        self.killed = True
         revision = rig.deploy(fault.candidate)
         died = wait_for(lambda: not rig.target.alive(), 30, 0.05)
         case.details["cut_at"] = fault.at
@@ -353,6 +356,7 @@ class _Steps:
             case.skipped = f"clock_skew injects into the agent's process; not supported on {rig.target.name}"
             return
         offset = parse_offset(fault.offset)
+        self.killed = True
         rig.target.kill()
         rig.skew_clock(offset)
         rig.start_agent()
@@ -428,6 +432,20 @@ class _Steps:
                                  f"{buf.get('records')} records still buffered")
         if dropped:
             case.failures.append(f"no telemetry lost: the agent dropped {dropped} records ({buf.get('dropped')})")
+        self._predictions(case)
+
+    def _predictions(self, case: Case) -> None:
+        """Every answered call has its prediction record at the coordinator. After a kill -9
+        the agent may lose the records of its last flush window (telemetry.flush_interval_ms,
+        by design): then the count is reported, not judged."""
+        answered = sum(len(p.answered) for p in self.result.phases)
+        stored = len(self.rig.telemetry("prediction"))
+        case.details["telemetry"].update(answered_calls=answered, prediction_records=stored)
+        if stored > answered:
+            case.failures.append(f"no telemetry lost: {stored} prediction records for {answered} answered calls")
+        elif stored < answered and not self.killed:
+            case.failures.append(f"no telemetry lost: {answered - stored} of {answered} answered calls have no "
+                                 "prediction record at the coordinator")
 
 
 __all__ = ["Case", "ModelSpec", "RunResult", "effective_budgets", "run_scenario"]

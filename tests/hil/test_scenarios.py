@@ -38,6 +38,7 @@ def checked(case: Case) -> dict[str, Any]:
     telemetry = case.details["telemetry"]
     assert telemetry["gaps"] == 0 and telemetry["dropped"] == 0, telemetry
     assert telemetry["max_contiguous_seq"] >= telemetry["last_seq"] > 0, telemetry
+    assert 0 < telemetry["prediction_records"] <= telemetry["answered_calls"], telemetry
     assert case.details["recovered_s"] is not None
     return case.details
 
@@ -52,6 +53,8 @@ def test_scenario_passes_with_invariants(name: str, tmp_path: Path) -> None:
     assert result.passed, [(c.name, c.failures, c.error, c.skipped) for c in result.cases if not c.passed or c.skipped]
     assert not any(c.skipped for c in result.cases), "every fault was really injected"
     end = checked(result.cases[-1])
+    if name not in KILLED:  # without a kill -9 every answered call has its record, exactly
+        assert end["telemetry"]["prediction_records"] == end["telemetry"]["answered_calls"], end["telemetry"]
     assert end["model"] == (load_scenario(name).model.ref if name not in EXPECT_CANDIDATE else "iris-mlp@1.1.0")
     replays = [p for p in result.phases if p.kind == "replay"]
     assert replays and all(p.answered and p.accuracy is not None and p.accuracy >= 0.9 for p in replays)
@@ -62,6 +65,7 @@ def test_scenario_passes_with_invariants(name: str, tmp_path: Path) -> None:
     assert int(suite.get("tests", "0")) == len(result.cases) >= 3
 
 
+KILLED = {"agent-kill", "power-cut-switching", "power-cut-download", "power-cut-rollback", "clock-skew"}
 EXPECT_CANDIDATE = {"power-cut-switching", "power-cut-download", "clock-skew", "model-update"}
 
 
