@@ -18,6 +18,8 @@ import numpy as np
 
 from ._policy import Gate, Policy
 from ._stats import (
+    always_valid_p,
+    effective_n,
     mann_whitney_u,
     mean_diff_ci,
     norm_ppf,
@@ -58,6 +60,20 @@ class Verdict:
     evidence: dict[str, Any]
 
 
+_SEQ = {"sequential": "; always-valid p-value (normal-mixture SPRT: valid at every look)", "fixed": ""}
+
+
+def _p(policy: Policy, z: float, fixed: float, n: dict[str, int]) -> float:
+    """The p-value a gate decides on: always-valid for a step judged at every tick."""
+    if policy.test == "fixed":
+        return fixed
+    return always_valid_p(z, effective_n(n["canary"], n["baseline"]))
+
+
+def _fixed(policy: Policy, p: float) -> dict[str, float]:
+    return {"fixed_sample_p_value": p} if policy.test == "sequential" else {}
+
+
 def _short(gate: Gate, policy: Policy, n: dict[str, int]) -> Verdict | None:
     need = policy.samples_for(gate)
     if min(n.values()) < need:
@@ -73,11 +89,13 @@ def latency_gate(gate: Gate, policy: Policy, canary: CohortSamples, baseline: Co
     test = mann_whitney_u(c, b * (1.0 + gate.threshold))  # H0: canary <= baseline grown by the threshold
     p95c, p95b = float(np.percentile(c, 95)), float(np.percentile(b, 95))
     growth = p95c / p95b - 1.0 if p95b > 0 else math.inf
-    failed = test.p_value < policy.alpha and growth > gate.threshold
+    p = _p(policy, test.z, test.p_value, n)
+    failed = p < policy.alpha and growth > gate.threshold
     return Verdict(gate.metric, FAIL if failed else PASS, {
         "samples": n, "test": "mann-whitney-u one-sided against baseline x (1 + threshold) "
-                              "(normal approx., tie correction)",
-        "u": test.statistic, "z": round(test.z, 4), "p_value": test.p_value, "alpha": policy.alpha,
+                              "(normal approx., tie correction)" + _SEQ[policy.test],
+        "u": test.statistic, "z": round(test.z, 4), "p_value": p, **_fixed(policy, test.p_value),
+        "alpha": policy.alpha,
         "p95_us": {"canary": p95c, "baseline": p95b}, "p95_growth": growth, "threshold": gate.threshold,
         "median_us": {"canary": float(np.median(c)), "baseline": float(np.median(b))},
     })
@@ -89,10 +107,12 @@ def error_rate_gate(gate: Gate, policy: Policy, canary: CohortSamples, baseline:
         return short
     test = two_proportion_z(canary.errors, n["canary"], baseline.errors, n["baseline"], margin=gate.threshold)
     rates = {"canary": canary.errors / n["canary"], "baseline": baseline.errors / n["baseline"]}
-    failed = test.p_value < policy.alpha
+    p = _p(policy, test.z, test.p_value, n)
+    failed = p < policy.alpha
     return Verdict(gate.metric, FAIL if failed else PASS, {
         "samples": n, "errors": {"canary": canary.errors, "baseline": baseline.errors}, "rates": rates,
-        "test": "two-proportion z one-sided, H0: difference <= threshold", "z": round(test.z, 4), "p_value": test.p_value,
+        "test": "two-proportion z one-sided, H0: difference <= threshold" + _SEQ[policy.test], "z": round(test.z, 4),
+        "p_value": p, **_fixed(policy, test.p_value),
         "alpha": policy.alpha, "difference": test.statistic, "threshold": gate.threshold,
     })
 
@@ -130,11 +150,12 @@ def accuracy_gate(gate: Gate, policy: Policy, canary: CohortSamples, baseline: C
     # H0: baseline - canary <= threshold; a significant excess is a material drop
     test = two_proportion_z(baseline.correct, n["baseline"], canary.correct, n["canary"], margin=gate.threshold)
     acc = {"canary": canary.correct / n["canary"], "baseline": baseline.correct / n["baseline"]}
-    failed = test.p_value < policy.alpha
+    p = _p(policy, test.z, test.p_value, n)
+    failed = p < policy.alpha
     return Verdict(gate.metric, FAIL if failed else PASS, {
         "samples": n, "correct": {"canary": canary.correct, "baseline": baseline.correct}, "accuracy": acc,
-        "test": "two-proportion z one-sided, H0: baseline - canary accuracy <= threshold", "z": round(test.z, 4),
-        "p_value": test.p_value, "alpha": policy.alpha, "drop": test.statistic, "threshold": gate.threshold,
+        "test": "two-proportion z one-sided, H0: baseline - canary accuracy <= threshold" + _SEQ[policy.test],
+        "z": round(test.z, 4), "p_value": p, **_fixed(policy, test.p_value), "alpha": policy.alpha, "drop": test.statistic, "threshold": gate.threshold,
     })
 
 

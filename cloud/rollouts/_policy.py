@@ -19,6 +19,7 @@ what each verdict does::
     inconclusive_timeout_s: null # after this long inconclusive: pause (null: wait forever)
     approval: {before_start: false, before_full: false}
     hil: {required: false, scenarios: null, hardware_profiles: null}  # HIL gate before the start
+    test: fixed                  # each test judged once, at its min_samples (or sequential: always-valid p-values)
 
 What a gate's ``threshold`` means depends on its metric (see :data:`GATE_DOC`). A gate
 fails only when the difference is both statistically significant at ``confidence``
@@ -197,6 +198,12 @@ class Policy(BaseModel):
     inconclusive_timeout_s: float | None = Field(None, gt=0)
     approval: Approval = Approval()
     hil: HilRequirement = HilRequirement()
+    #: The engine looks at a step at every tick. fixed: each statistical gate is judged once,
+    #: at the first look with its min_samples on both sides, and that verdict is kept for the
+    #: step (one look per test: its p-value means what it says). sequential: re-judged at
+    #: every look with always-valid p-values (mSPRT), so a regression that only shows with
+    #: more data is still caught, at the price of needing more samples for the same effect.
+    test: Literal["fixed", "sequential"] = "fixed"
 
     @field_validator("steps")
     @classmethod

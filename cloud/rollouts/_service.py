@@ -54,7 +54,7 @@ from .._exceptions import (
 )
 from ..store import Store, Transaction
 from . import _repo as repo
-from ._gates import FAIL, INCONCLUSIVE, PASS, CohortSamples, ab_report, evaluate, overall
+from ._gates import FAIL, INCONCLUSIVE, PASS, CohortSamples, Verdict, ab_report, evaluate, overall
 from ._machine import ACTIVE, RolloutEvent, RolloutState, next_state
 from ._policy import STRATEGIES, Policy, parse_policy
 from ._targeting import bucket, parse_selector
@@ -355,6 +355,9 @@ class RolloutService:
         if progress["baseline"] == 0:  # a small fleet: the step drew every target; nothing to compare with
             gates = gates & NON_COMPARATIVE
         results = evaluate(r.policy, canary, baseline, gates)
+        locks = None
+        if r.policy.test == "fixed":
+            results, locks = _lock_verdicts(r, results)
         decision = overall(results)
         evidence = {"decision": decision, "gates": {v.gate: v.verdict for v in results}, "progress": progress}
         if r.strategy == "ab":
@@ -363,6 +366,8 @@ class RolloutService:
             current = repo.get_rollout(tx, r.id, lock=True)
             if current.state is not S.RUNNING or current.step != r.step:
                 return 0  # a command got there first
+            if locks is not None:
+                current = replace(current, result={**current.result, "gate_locks": locks})
             current = replace(current, result={**current.result, "last_evaluation": {
                 "ts": self.clock(), **evidence, "verdicts": [{"gate": v.gate, "verdict": v.verdict, "evidence": v.evidence} for v in results]}})
             moved = self._act(tx, current, decision, results, evidence)
@@ -534,6 +539,28 @@ def _policy_for(strategy: str, policy: Policy | dict[str, Any] | None, steps: Se
     if strategy == "ab" and (len(pol.steps) != 2 or pol.steps[-1] != 100):
         pol = parse_policy({**data, "steps": [pol.steps[0], 100] if pol.steps[0] < 100 else [50, 100]})
     return pol
+
+
+#: Gates whose verdict is a statistical test: judged once per step under ``test: fixed``.
+#: (health reacts at any time; PSI is a threshold on an estimate that only gets better.)
+LOCKED_GATES = frozenset({"latency_p95", "error_rate", "accuracy", "shadow_agreement"})
+
+
+def _lock_verdicts(r: repo.Rollout, results: list[Verdict]) -> tuple[list[Verdict], dict[str, Any]]:
+    """``test: fixed``: the first conclusive verdict of each statistical gate in a step is
+    kept (with its evidence) for the rest of the step: one look per test."""
+    saved = r.result.get("gate_locks") or {}
+    locks = dict(saved.get("verdicts") or {}) if saved.get("step") == r.step else {}
+    out = []
+    for v in results:
+        if v.gate in locks:
+            kept = locks[v.gate]
+            out.append(Verdict(v.gate, kept["verdict"], {**kept["evidence"], "judged_once": True}))
+            continue
+        if v.gate in LOCKED_GATES and v.verdict != INCONCLUSIVE:
+            locks[v.gate] = {"verdict": v.verdict, "evidence": v.evidence}
+        out.append(v)
+    return out, {"step": r.step, "verdicts": locks}
 
 
 def _correct(feedback: dict[str, Any]) -> bool | None:

@@ -8,6 +8,11 @@
   samples a side; the gates ask for far more.
 * :func:`two_proportion_z`: one-sided two-proportion z-test (is rate 1 > rate 2, or
   > rate 2 + a margin?).
+* :func:`always_valid_p`: the p-value of a normal-mixture sequential probability ratio
+  test (mSPRT; Robbins 1970, Johari et al. 2017) on an asymptotically normal z-statistic:
+  valid at *every* look, so an engine that re-judges a step each tick as evidence
+  accumulates keeps its false-alarm rate at alpha (a fixed-sample p-value checked at
+  every tick does not).
 * :func:`psi`: population stability index of two categorical distributions, with a small
   floor on empty bins so an unseen class gives a large but finite value.
 * :func:`mean_diff_ci` / :func:`proportion_diff_ci`: normal (Welch / Wald) confidence
@@ -74,6 +79,34 @@ def mann_whitney_u(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndar
         return TestResult(u1, 0.0, 1.0)
     z = (u1 - n1 * n2 / 2.0 - 0.5) / math.sqrt(var)
     return TestResult(u1, z, norm_sf(z))
+
+
+#: Scale of the standardized effects the sequential test is tuned to detect fastest
+#: (the standard deviation of the normal mixing distribution over the effect).
+MSPRT_TAU = 0.2
+
+
+def effective_n(n1: float, n2: float) -> float:
+    """The sample size of a one-sample test with the information of two samples of n1 and n2."""
+    return n1 * n2 / (n1 + n2) if n1 > 0 and n2 > 0 else 0.0
+
+
+def always_valid_p(z: float, n_eff: float, tau: float = MSPRT_TAU, one_sided: bool = True) -> float:
+    """Always-valid p-value of the normal-mixture SPRT for ``z`` from ``n_eff`` samples.
+
+    With ``z = delta * sqrt(n_eff)`` for a standardized effect ``delta`` and the mixture
+    ``delta ~ N(0, tau^2)``, the likelihood ratio against ``delta = 0`` is
+    ``(1 + r)^-1/2 * exp(r z^2 / (2 (1 + r)))`` with ``r = n_eff tau^2``; by Ville's
+    inequality it exceeds ``1/alpha`` at *any* look with probability at most ``alpha``
+    under the null, so ``min(1, 1/ratio)`` is a p-value valid under optional stopping.
+    ``one_sided``: evidence only for ``z > 0`` (the two-sided mixture, conservative)."""
+    if one_sided and z <= 0:
+        return 1.0
+    if n_eff <= 0:
+        return 1.0
+    r = n_eff * tau * tau
+    log_ratio = -0.5 * math.log1p(r) + r * z * z / (2.0 * (1.0 + r))
+    return 1.0 if log_ratio <= 0 else math.exp(-log_ratio)
 
 
 def two_proportion_z(x1: int, n1: int, x2: int, n2: int, margin: float = 0.0) -> TestResult:

@@ -148,3 +148,58 @@ def test_ab_report_compares_accuracy_from_feedback() -> None:
     assert tie["accuracy"]["winner"] is None and tie["accuracy"]["ci"][0] < 0 < tie["accuracy"]["ci"][1]
     few = ab_report(CohortSamples(labeled=50, correct=50), CohortSamples(labeled=50, correct=10), 0.95, 100)
     assert "accuracy" not in few and few["winner"] is None
+
+
+def test_always_valid_p_value_by_hand() -> None:
+    from cloud.rollouts._stats import always_valid_p, effective_n
+
+    n = effective_n(150, 1350)
+    assert n == pytest.approx(135.0)
+    r = n * 0.2 ** 2  # tau = 0.2
+    want = math.exp(-(-0.5 * math.log1p(r) + r * 3.2 ** 2 / (2 * (1 + r))))
+    assert always_valid_p(3.2, n) == pytest.approx(want)
+    assert always_valid_p(-3.2, n) == 1.0  # one-sided: no evidence the other way
+    assert always_valid_p(0.5, n) == 1.0  # a likelihood ratio below 1 is no evidence
+
+
+def test_repeated_looks_inflate_a_fixed_test_but_not_the_always_valid_one() -> None:
+    """A/A streams looked at 40 times each: the share of streams that ever cross alpha."""
+    from cloud.rollouts._stats import always_valid_p, norm_sf
+
+    rng = np.random.default_rng(5)
+    paths, looks, per_look = 2000, 40, 25
+    sums = np.cumsum(rng.standard_normal((paths, looks * per_look)), axis=1)
+    ns = np.arange(per_look, looks * per_look + 1, per_look)
+    z = sums[:, ns - 1] / np.sqrt(ns)  # the z-statistic at each look
+    fixed = (np.vectorize(norm_sf)(z) < 0.05).any(axis=1).mean()
+    seq = (np.vectorize(always_valid_p)(z, np.broadcast_to(ns, z.shape)) < 0.05).any(axis=1).mean()
+    assert fixed > 0.15  # one-sided 5 % test looked at 40 times: far above 5 %
+    assert seq <= 0.05
+    # and it still finds a real effect: delta = 0.3 standard deviations
+    shifted = sums + 0.3 * np.arange(1, looks * per_look + 1)
+    zs = shifted[:, ns - 1] / np.sqrt(ns)
+    assert (np.vectorize(always_valid_p)(zs, np.broadcast_to(ns, zs.shape)) < 0.05).any(axis=1).mean() > 0.99
+
+
+def test_fixed_policies_judge_each_statistical_gate_once_per_step() -> None:
+    """Under ``test: fixed`` the first conclusive latency verdict of a step is kept, even if
+    later evidence would say otherwise (one look per test)."""
+    from types import SimpleNamespace
+
+    from cloud.rollouts._gates import Verdict
+    from cloud.rollouts._service import _lock_verdicts
+
+    first, locks = _lock_verdicts(SimpleNamespace(step=0, result={}), [Verdict("latency_p95", "pass", {"p_value": 0.4}),
+                                        Verdict("accuracy", "inconclusive", {}), Verdict("psi", "pass", {})])
+    assert [v.verdict for v in first] == ["pass", "inconclusive", "pass"]
+    assert set(locks["verdicts"]) == {"latency_p95"}  # psi is not a test; accuracy was not judged yet
+    later = SimpleNamespace(step=0, result={"gate_locks": locks})
+    second, locks2 = _lock_verdicts(later, [Verdict("latency_p95", "fail", {"p_value": 0.001}),
+                                            Verdict("accuracy", "fail", {"p_value": 0.01}),
+                                            Verdict("psi", "fail", {})])
+    assert [v.verdict for v in second] == ["pass", "fail", "fail"]
+    assert second[0].evidence["judged_once"] is True and second[0].evidence["p_value"] == 0.4
+    assert set(locks2["verdicts"]) == {"latency_p95", "accuracy"}
+    later.step = 1  # a new step judges again
+    third, _ = _lock_verdicts(later, [Verdict("latency_p95", "fail", {"p_value": 0.001})])
+    assert third[0].verdict == "fail"
