@@ -129,9 +129,9 @@ def run(store: Store, edge: SimulatedEdge, model: str, slow: str | None, per_dev
 def detection(rng: np.random.Generator) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
-    def needed(make: Any, gate: Gate) -> int | None:
+    def needed(make: Any, gate: Gate, test: str = "fixed") -> int | None:
         for n in (25, 50, 100, 200, 400, 800, 1600, 3200, 6400):
-            policy = Policy(min_samples=n, gates=(gate,))
+            policy = Policy(min_samples=n, gates=(gate,), test=test)
             if sum(evaluate(policy, *make(n))[0].verdict == "fail" for _ in range(20)) >= 18:
                 return n
         return None
@@ -151,6 +151,12 @@ def detection(rng: np.random.Generator) -> dict[str, Any]:
     out["latency_+20pct_threshold_10pct"] = needed(latency, Gate(metric="latency_p95", threshold=0.10))
     out["accuracy_-2pts_threshold_0"] = needed(accuracy, Gate(metric="accuracy", threshold=0.0))
     out["error_rate_+2pts_threshold_0"] = needed(errors, Gate(metric="error_rate", threshold=0.0))
+    # the same with always-valid p-values (test: sequential): the price of looking at every tick
+    out["sequential"] = {
+        "latency_+20pct_threshold_10pct": needed(latency, Gate(metric="latency_p95", threshold=0.10), "sequential"),
+        "accuracy_-2pts_threshold_0": needed(accuracy, Gate(metric="accuracy", threshold=0.0), "sequential"),
+        "error_rate_+2pts_threshold_0": needed(errors, Gate(metric="error_rate", threshold=0.0), "sequential"),
+    }
     return out
 
 
