@@ -217,9 +217,10 @@ class _Steps:
     def _deploy(self, step: Deploy, case: Case) -> None:
         before = self.rig.expected
         revision = self.rig.deploy(step.model)
-        status = self.rig.wait_update_done(revision, self.budgets["recover_s"] + 20)
+        status = self.rig.wait_update_done(revision, step.within_s)
         if status is None:
-            case.failures.append(f"the update to {step.model.ref} did not finish: {self.rig.agent_status_brief()}")
+            case.failures.append(f"the update to {step.model.ref} did not finish within {step.within_s}s: "
+                                 f"{self.rig.agent_status_brief()}")
             return
         update = status["update"]
         case.details.update(result=update["result"], reason=update.get("reason"), version=status["model"]["version"])

@@ -92,6 +92,7 @@ class Fault(_Frozen):
 class Deploy(_Frozen):
     model: ModelSpec
     expect: Literal["applied", "rolled_back", "rejected"] = "applied"
+    within_s: float = Field(40.0, gt=0, description="bound for the update to end")
 
 
 class Step(_Frozen):
