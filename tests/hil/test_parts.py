@@ -230,3 +230,14 @@ def test_ssh_target_against_localhost(tmp_path: Path) -> None:  # pragma: no cov
     if r.returncode != 0:
         pytest.skip(f"sshd present but root@127.0.0.1 is not reachable with keys: {r.stderr[:200]!r}")
     assert t.alive() is False
+
+
+def test_the_wheel_for_a_board_carries_the_scenarios_and_the_recorded_set(tmp_path: Path) -> None:
+    import zipfile
+
+    from hil._ssh import build_wheel
+
+    wheel = build_wheel(tmp_path / "dist")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"hil/data/iris.npz", "hil/cli.py", "edgeml/agent.py"} <= names
+    assert {f"hil/scenarios/{n}.yaml" for n in shipped_scenarios()} <= names
