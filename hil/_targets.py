@@ -68,12 +68,13 @@ class LocalTarget:
             self.proc = subprocess.Popen(
                 [*(wrapper or []), sys.executable, "-m", "edgeml.cli", "agent", "run"],
                 env={**os.environ, **env}, stdout=log, stderr=log, cwd=REPO,
+                start_new_session=True,  # its own process group: a kill reaches a wrapper's children too
             )
 
     def kill(self) -> None:
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL)
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
             self.proc = None
 
