@@ -108,6 +108,8 @@ def test_the_agent_survives_any_desired_message(agent: Agent, fleet_keys: Path) 
                 {"v": 1, "fleet": "plant", "device": "dev-1", "revision": 2**63, "issued_at": 0,
                  "shadow": {"name": "s", "version": "1", "sha256": "c" * 64, "size": 2**64}}):
         agent._on_message(TOPICS.desired, _payload(doc, key, True))
+    for depth in (300, 1000):  # orjson reads 1024 levels; writers refuse far fewer
+        agent._on_message(TOPICS.desired, b'{"v": 1, "a":' + b"[" * depth + b"]" * depth + b"}")
     wait_until(lambda: updates.record.state.value == "idle" and updates._pending is None, timeout=30,
                what="the update worker to settle")
     assert updates._thread.is_alive()

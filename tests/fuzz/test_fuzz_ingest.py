@@ -118,6 +118,7 @@ def flush(ingestor: Ingestor, topic: str, payload: bytes) -> _Message:
 
 
 POISON_STATE = dumps({"note": "a\x00b", "nested": [{"k\x00": 1}]})
+DEEP_STATE = b'{"a":' + b"[" * 300 + b"]" * 300 + b"}"  # orjson reads 1024 levels, writes 254
 HUGE_SEQ = dumps({"v": 1, "fleet": "plant", "device": "dev-1", "stream": "s", "sent_at": 1,
                   "records": [record({"seq": 2**64 - 1})]})
 
@@ -153,9 +154,10 @@ def test_the_ingestor_commits_every_message_or_counts_it_as_poison(
         assert {r["seq"] for r in msg.batch.records} <= {r.seq for r in stored}  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("payload", [POISON_STATE, HUGE_SEQ], ids=["nul-in-state", "seq-over-int64"])
+@pytest.mark.parametrize("payload", [POISON_STATE, HUGE_SEQ, DEEP_STATE],
+                         ids=["nul-in-state", "seq-over-int64", "state-300-deep"])
 def test_regressions_of_the_consumer(ingestor: Ingestor, fast_store: Store, payload: bytes) -> None:
-    leaf = "state" if payload is POISON_STATE else "telemetry"
+    leaf = "telemetry" if payload is HUGE_SEQ else "state"
     msg = flush(ingestor, f"edgeml/v1/plant/dev-1/{leaf}", payload)
     good = dumps({"v": 1, "fleet": "plant", "device": "dev-1", "stream": "ok", "sent_at": time.time(),
                   "records": [record({"seq": 1})]})
