@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
@@ -59,6 +60,8 @@ def _run(args: argparse.Namespace) -> int:
     from ._scenario import load_scenario
     from ._targets import make_target
 
+    # the rig's coordinator is private to the run (open API, no tokens): its warnings are noise here
+    logging.getLogger("cloud").setLevel(logging.ERROR)
     scenarios = [load_scenario(ref) for ref in args.scenarios]  # every file validated before anything starts
     make_target(args.target)  # a bad target fails before anything starts
     results = []
