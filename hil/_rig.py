@@ -46,6 +46,9 @@ BASE_AGENT_ENV = {
     "EDGEML_MQTT__RECONNECT_MIN_S": "0.2",
     "EDGEML_MQTT__RECONNECT_MAX_S": "1",
     "EDGEML_UPDATES__PROBATION_S": "0.5",
+    # a 0.5 s probation judges the p95 of a handful of calls, which one scheduling hiccup on a
+    # shared machine decides: latency budgets are the replay steps' business in the rig
+    "EDGEML_UPDATES__PROBATION_LATENCY_BUDGET_MS": "500",
     "EDGEML_UPDATES__PROBATION_MIN_PREDICTIONS": "0",
     "EDGEML_UPDATES__RETRY_BACKOFF_S": "0.05",
     "EDGEML_UPDATES__DOWNLOAD_RETRIES": "2",

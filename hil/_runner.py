@@ -189,7 +189,11 @@ class _Steps:
             self.result.cases.append(case)
         final = Case("99 invariants at the end", f"hil.{self.name}")
         t = time.monotonic()
-        self._invariants(final)
+        try:
+            self._invariants(final)
+        except Exception as exc:  # reported as the case's error, like a step's
+            final.error = f"{exc.__class__.__name__}: {exc}"
+            final.details["agent_log"] = _log_tail(self.rig.target)
         final.seconds = time.monotonic() - t
         self.result.cases.append(final)
 
@@ -302,10 +306,15 @@ class _Steps:
         if status is None:
             case.failures.append(f"the update did not resume or roll back: {rig.agent_status_brief()}")
             return
-        case.details.update(result=status["update"]["result"], version=status["model"]["version"])
+        update = status["update"]
+        case.details.update(result=update["result"], reason=update.get("reason"), version=status["model"]["version"])
         want = fault.expect_model or ("primary" if fault.at == "rolling_back" else "candidate")
-        if want == "candidate" and status["update"]["result"] == "success":
+        if update["result"] == "success":
             rig.expected = fault.candidate
+        if (want == "candidate") != (update["result"] == "success"):
+            case.failures.append(f"after a power cut in {fault.at} the device should end on the {want} model; the "
+                                 f"update ended {update['result']} ({update.get('reason')})")
+            case.details["agent_log"] = _log_tail(rig.target)
 
     def _f_corrupt_artifact(self, fault: Fault, case: Case) -> None:
         rig = self.rig
