@@ -25,10 +25,18 @@ FUZZ = settings(
 #: The properties that commit to a store or drive a process: a third of the budget.
 SLOW = settings(FUZZ, max_examples=max(10, EXAMPLES // 3))
 
-#: Scalars a hostile or broken peer may send: huge ints, NUL and odd unicode, floats.
+def _nest(depth: int) -> Any:
+    value: Any = []
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+#: Scalars a hostile or broken peer may send: huge ints, NUL and odd unicode, floats, and
+#: deep nesting (orjson reads 1024 levels but writes only 254).
 scalars = (st.none() | st.booleans() | st.integers() | st.integers(-(2**70), 2**70)
            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
-           | st.sampled_from(["", "\x00", "a\nb", "\u202e", "../..", "edgeml/v1/+/#", "é" * 3]))
+           | st.sampled_from(["", "\x00", "a\nb", "\u202e", "../..", "edgeml/v1/+/#", "é" * 3, _nest(300)]))
 
 json_values = st.recursive(
     scalars,
