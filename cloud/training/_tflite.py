@@ -224,6 +224,7 @@ def export_and_gate(
                            "artifacts": {}}
     try:  # the converter raises anything from torch.export, MLIR or flatbuffers: one failure reason
         float_path = _convert_float(wrapped, example, run_dir / "model.tflite")
+        probabilities(float_path, x_te[:1])  # the agent's runtime loads it, or the reason is recorded
     except Exception as exc:  # noqa: BLE001 - boundary of a third-party converter
         return {"status": "failed", "reason": f"litert-torch float conversion failed: {type(exc).__name__}: {exc}"}
     diff = float(np.abs(probabilities(float_path, x_te) - probabilities(onnx_float, x_te)).max())
@@ -235,7 +236,9 @@ def export_and_gate(
     if quantize:
         for method in INT8_METHODS:
             try:
-                candidates.append((method, _convert_int8(method, wrapped, float_path, calibration, run_dir)))
+                path = _convert_int8(method, wrapped, float_path, calibration, run_dir)
+                probabilities(path, x_te[:1])
+                candidates.append((method, path))
             except Exception as exc:  # noqa: BLE001 - one candidate failing leaves the others
                 doc["int8_candidates"].append({"method": method, "error": f"{type(exc).__name__}: {exc}"})
     timed = _interleaved([onnx_float, float_path, *(p for _, p in candidates)], x_te, repeats)
