@@ -7,6 +7,7 @@ and queues a document; the ``edgeml-updates`` worker thread runs the machine;
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -36,6 +37,8 @@ MAX_DOCUMENT_BYTES = 256 * 1024
 #: Test hook: ``EDGEML_UPDATE_CRASH_AT=<state>`` kills the agent (SIGKILL) right after
 #: that state is persisted, to prove that every state resumes or rolls back.
 CRASH_AT_ENV = "EDGEML_UPDATE_CRASH_AT"
+#: After the worker hit an error mid-update (a full disk), resume the update this much later.
+RESUME_AFTER_ERROR_S = 5.0
 
 
 class Probation:
@@ -94,14 +97,15 @@ class UpdateManager:
         self.probation: Probation | None = None
         self.last_rejection: dict[str, Any] | None = None
         self._retry_doc: dict[str, Any] | None = None
+        self._resume_at: float | None = None  # monotonic time to resume an update an error interrupted
         self.shadow: ShadowRunner | None = None
 
     def _load_keys(self) -> Any:
-        if self.config.fleet_pubkey is None:
+        if not self.config.fleet_pubkeys:
             return None
         from ..protocol.signing import load_public_keys
 
-        return load_public_keys([self.config.fleet_pubkey])
+        return load_public_keys(self.config.fleet_pubkeys)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -189,18 +193,48 @@ class UpdateManager:
 
     # ------------------------------------------------------------------ worker thread
     def _work(self) -> None:
-        self._restore_shadow()
-        if self.record.state is not State.IDLE:
-            log.warning("resuming the update to revision %s in state %s", self.record.revision, self.record.state.value)
-            self._run(Event.RESUME)
-        self.publish_state()
+        self._guarded(self._restore_shadow)
+        self._guarded(self._resume)
+        self._guarded(self.publish_state)
         while not self._stop.is_set():
             with self._cond:
                 while self._pending is None and not self._stop.is_set():
                     self._cond.wait(1.0)
+                    if self._resume_at is not None and time.monotonic() >= self._resume_at:
+                        break
                 doc, self._pending = self._pending, None
-            if doc is not None and not self._stop.is_set():
-                self._begin(doc)
+            if self._stop.is_set():
+                return
+            if self._resume_at is not None and time.monotonic() >= self._resume_at:
+                self._resume_at = None
+                self._guarded(self._resume)
+            if doc is not None:
+                self._guarded(lambda doc=doc: self._begin(doc), doc)
+
+    def _resume(self) -> None:
+        if self.record.state is not State.IDLE:
+            log.warning("resuming the update to revision %s in state %s", self.record.revision, self.record.state.value)
+            self._run(Event.RESUME)
+
+    def _guarded(self, step: Any, doc: dict[str, Any] | None = None) -> None:
+        """Run one step of the worker; nothing (a full disk, a broken update database) ends
+        the worker. The record goes back to what is persisted; an update caught halfway is
+        resumed later, like after a restart, and the document is offered again."""
+        try:
+            step()
+        except Exception as exc:
+            log.exception("update worker: %s", exc)
+            try:
+                self.record = self.log.load()
+            except Exception:
+                log.exception("update worker: cannot read the update state back")
+            if self.record.state is not State.IDLE:
+                self._resume_at = time.monotonic() + RESUME_AFTER_ERROR_S
+            elif doc is not None:
+                self._retry_doc = doc
+            with contextlib.suppress(Exception):
+                self._event("update_worker_error", level="error", message=f"{type(exc).__name__}: {exc}",
+                            data={"state": self.record.state.value, "revision": self.record.revision})
 
     def retry(self) -> None:
         """Offer again a document whose update failed for a transient reason, if it is

@@ -154,9 +154,8 @@ def test_impossible_latency_budget_fails_in_junit_and_html(tmp_path: Path) -> No
     assert "http://" not in html.split("<body>", 1)[1].replace('xmlns="http://www.w3.org/2000/svg"', "")
 
 
-@pytest.mark.xfail(strict=True, reason="known defect found by this rig: a full disk during an update kills the "
-                   "agent's update thread (StorageError from saving the state escapes _advance), so no later "
-                   "update is applied until the agent restarts")
+# found by this rig: a full disk during an update used to kill the agent's update thread
+# (StorageError from saving the state escaped), so no later update was applied until a restart
 def test_an_update_after_a_full_disk_is_applied(tmp_path: Path) -> None:
     scenario = load_scenario(Path(__file__).parent / "scenarios" / "full-disk-then-update.yaml")
     result = run_scenario(scenario, "local", workdir=tmp_path / "rig")
