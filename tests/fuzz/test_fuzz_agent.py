@@ -112,6 +112,7 @@ def test_the_agent_survives_any_desired_message(agent: Agent, fleet_keys: Path) 
         agent._on_message(TOPICS.desired, b'{"v": 1, "a":' + b"[" * depth + b"]" * depth + b"}")
     wait_until(lambda: updates.record.state.value == "idle" and updates._pending is None, timeout=30,
                what="the update worker to settle")
+    time.sleep(0.5)  # the worker takes the last document off the queue before it acts on it
     assert updates._thread.is_alive()
     assert agent.predict({"input": X}).outputs
 
@@ -157,3 +158,21 @@ def test_parse_topic_splits_or_raises_value_error(topic: str) -> None:
     except ValueError:
         return
     assert "/" not in fleet + device + leaf
+
+
+@pytest.mark.parametrize("revision", [2**63, 18364630241760122880])
+def test_a_signed_revision_beyond_int64_is_rejected_and_the_worker_lives(
+    agent: Agent, fleet_keys: Path, revision: int,
+) -> None:
+    """Found by the fuzzer: the update log (SQLite) could not store the revision, and the
+    OverflowError killed the update worker; every later desired state was then ignored."""
+    doc = {"v": 1, "fleet": "plant", "device": "dev-1", "revision": revision, "issued_at": time.time()}
+    bad = agent._bad_messages
+    agent._on_message(TOPICS.desired, _payload(doc, fleet_keys / "fleet.key", True))
+    assert agent._bad_messages == bad + 1  # rejected as malformed, before the worker sees it
+    updates = agent._updates
+    assert updates is not None and updates._thread is not None
+    doc = {"v": 1, "fleet": "plant", "device": "dev-1", "revision": 3, "issued_at": time.time()}
+    agent._on_message(TOPICS.desired, _payload(doc, fleet_keys / "fleet.key", True))
+    wait_until(lambda: updates.record.applied_revision == 3, timeout=10, what="the next document applied")
+    assert updates._thread.is_alive()
