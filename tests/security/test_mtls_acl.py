@@ -8,6 +8,7 @@ import socket
 import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -196,8 +197,11 @@ def test_a_real_agent_and_coordinator_over_mqtts(
         with Agent(load_config(env=env)) as agent:
             for _ in range(20):
                 agent.predict({"input": x})
-            rows = wait_until(lambda: http.get("/v1/devices/plant/dev-1/telemetry",
-                                               params={"kind": "prediction"}).json(), 20, what="telemetry over mqtts")
+            def stored() -> list[dict[str, Any]] | None:
+                resp = http.get("/v1/devices/plant/dev-1/telemetry", params={"kind": "prediction"})
+                return resp.json() if resp.status_code == 200 and resp.json() else None  # 404 until it registers
+
+            rows = wait_until(stored, 20, what="telemetry over mqtts")
             assert rows and all(r["body"]["version"] == "1.0.0" for r in rows)
             # the signed desired state goes out over TLS too, and the agent acts on it
             r = http.put("/v1/devices/plant/dev-1/desired", json={"model": "mlp@2.0.0"})
