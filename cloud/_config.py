@@ -17,7 +17,14 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from edgeml._config import _merge, _read_yaml, describe_error, parse_broker_url, parse_host_port
+from edgeml._config import (
+    TLSFiles,
+    _merge,
+    _read_yaml,
+    describe_error,
+    parse_broker_url,
+    parse_host_port,
+)
 from edgeml._exceptions import ConfigError as _AgentConfigError
 
 from ._exceptions import ConfigError
@@ -56,7 +63,7 @@ class _Settings(BaseModel):
 IngestSettings: type[BaseModel] = create_model(  # type: ignore[call-overload]
     "IngestSettings",
     __base__=_Settings,
-    **{name: (f.annotation, f) for name, f in IngestConfig.model_fields.items() if name != "broker_url"},
+    **{name: (f.annotation, f) for name, f in IngestConfig.model_fields.items() if name not in ("broker_url", "tls")},
 )
 
 
@@ -65,10 +72,52 @@ class MetricsSettings(_Settings):
     lag_window_s: float = Field(300.0, gt=0)
 
 
+class AuthSettings(_Settings):
+    #: Enforce API tokens even before the first one exists (false: open until a token is created).
+    required: bool = False
+
+
+# >>> TRAINING SETTINGS
+class TrainedModelSettings(_Settings):
+    """One model under continuous training."""
+
+    recipe: str = Field(description="Recipe file name under training.recipes_dir (or a path).")
+    fleet: str = "default"
+    include_recipe_data: bool = Field(True, description="Train on the recipe's own sources too, not only fleet data.")
+
+
+class AutoCanarySettings(_Settings):
+    """Start a canary rollout of a retrained version that passes its gate."""
+
+    enabled: bool = False
+    policy: str | dict[str, Any] = Field("canary", description="configs/rollouts/NAME.yaml, a path, or inline.")
+    target: str = "all"
+    artifact: Literal["int8", "float"] = Field("int8", description="int8: only when the quantization gate accepted one.")
+    min_accuracy: float = Field(0.0, ge=0.0, le=1.0, description="Held-out accuracy the version needs.")
+
+
+class TrainingSettings(_Settings):
+    enabled: bool = Field(False, description="Run the drift/retraining check on the leader.")
+    check_interval_s: float = Field(300.0, gt=0)
+    drift_threshold: float = Field(0.2, gt=0)
+    retrain_interval_s: float | None = Field(None, gt=0)
+    new_labels: int | None = Field(None, ge=1, description="Retrain after this many new labeled samples.")
+    window_s: float = Field(3600.0, gt=0, description="Telemetry window of a drift measurement.")
+    min_samples: int = Field(50, ge=1)
+    min_predictions: int = Field(100, ge=1)
+    cohort_tag: str | None = None
+    recipes_dir: Path = Path("configs/recipes")
+    models: dict[str, TrainedModelSettings] = Field(default_factory=dict)
+    auto_canary: AutoCanarySettings = AutoCanarySettings()
+# <<< TRAINING SETTINGS
+
+
 class CloudConfig(_Settings):
     """Settings of one coordinator. Build with :func:`load_cloud_config` or directly."""
 
     broker_url: str = "mqtt://127.0.0.1:1883"
+    #: mqtts:// only: the CA and the coordinator's client certificate (``edgeml ca coordinator``).
+    broker_tls: TLSFiles = TLSFiles()
     db: str = DEFAULT_DB
     http_addr: str = DEFAULT_HTTP_ADDR
     #: Base URL devices download artifacts from (desired states carry absolute URLs);
@@ -81,6 +130,8 @@ class CloudConfig(_Settings):
     broker_wait_s: float = Field(10.0, ge=0)
     ingest: IngestSettings = IngestSettings()  # type: ignore[valid-type]
     metrics: MetricsSettings = MetricsSettings()
+    training: TrainingSettings = TrainingSettings()
+    auth: AuthSettings = AuthSettings()
 
     @field_validator("broker_url")
     @classmethod
@@ -161,7 +212,7 @@ class CloudConfig(_Settings):
         return self.db
 
     def ingest_config(self) -> IngestConfig:
-        return IngestConfig(broker_url=self.broker_url, **self.ingest.model_dump())
+        return IngestConfig(broker_url=self.broker_url, tls=self.broker_tls, **self.ingest.model_dump())
 
 
 def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:

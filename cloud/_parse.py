@@ -31,6 +31,8 @@ BAD_TOPIC = "bad_topic"
 UNKNOWN_DEVICE = "unknown_device"
 
 KNOWN_KINDS = frozenset({"prediction", "sample", "metrics", "event"})
+#: The largest seq both stores keep (SQLite INTEGER, PostgreSQL BIGINT).
+MAX_SEQ = 2**63 - 1
 _RECORDS = TypeAdapter(list[TelemetryRecord])
 _NUMBER = (int, float)
 
@@ -56,7 +58,34 @@ def load_object(payload: bytes, limit: int) -> dict[str, Any]:
         raise PoisonMessage(INVALID_JSON, str(exc)) from exc
     if type(doc) is not dict:
         raise PoisonMessage(WRONG_SCHEMA, f"expected a JSON object, got {type(doc).__name__}")
+    # What the store could not write would fail its flush forever (or kill the writer):
+    if payload.count(b"[") + payload.count(b"{") > _FEW_BRACKETS and not _writable(doc):
+        raise PoisonMessage(WRONG_SCHEMA, "nested deeper than the store writes (orjson: 254 levels)")
+    if b"\\u0000" in payload and _has_nul(doc):  # PostgreSQL cannot store it
+        raise PoisonMessage(WRONG_SCHEMA, "a string holds a NUL character (\\u0000)")
     return doc
+
+
+#: Fewer opening brackets than this cannot nest as deep as orjson refuses to write.
+_FEW_BRACKETS = 200
+
+
+def _writable(doc: dict[str, Any]) -> bool:
+    try:
+        orjson.dumps([[doc]])  # the store nests records two levels deeper (PostgreSQL)
+    except orjson.JSONEncodeError:
+        return False
+    return True
+
+
+def _has_nul(value: Any) -> bool:
+    if type(value) is str:
+        return "\x00" in value
+    if type(value) is dict:
+        return any("\x00" in k or _has_nul(v) for k, v in value.items())
+    if type(value) is list:
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def telemetry(fleet: str, device: str, payload: bytes, *, limit: int, full: bool = False) -> TelemetryBatchIn:
@@ -74,8 +103,9 @@ def telemetry(fleet: str, device: str, payload: bytes, *, limit: int, full: bool
         if type(r) is not dict:
             raise PoisonMessage(WRONG_SCHEMA, f"records[{i}] is not an object")
         seq = r.get("seq")
-        if type(seq) is not int or seq < 1 or type(r.get("ts")) not in _NUMBER or type(r.get("kind")) is not str:
-            raise PoisonMessage(WRONG_SCHEMA, f"records[{i}] needs seq (int >= 1), ts (number), kind (string)")
+        if type(seq) is not int or not 1 <= seq <= MAX_SEQ or type(r.get("ts")) not in _NUMBER \
+                or type(r.get("kind")) is not str:
+            raise PoisonMessage(WRONG_SCHEMA, f"records[{i}] needs seq (int 1..2^63-1), ts (number), kind (string)")
     if full:
         try:
             _RECORDS.validate_python([r for r in records if r["kind"] in KNOWN_KINDS])

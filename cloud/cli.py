@@ -6,11 +6,14 @@
     edgeml models register FILE --name N --version V [--metrics JSON] [--parent N@V]
     edgeml models list | models show N@V | models alias N ALIAS VERSION
     edgeml models train --recipe FILE [--config cloud.yaml] | models runs | models compare RUN_A RUN_B
+    edgeml models drift [--model N] [--fleet F] [--measure] [--config cloud.yaml]
     edgeml rollout start N@V --strategy S --target SELECTOR [--steps 5,25,100] [--policy FILE]
     edgeml rollout status ID | list | pause|resume|abort|promote|approve|rollback ID [--reason WHY]
+    edgeml tokens create --name N --role viewer|operator|admin | tokens list | tokens revoke N
 
 Every console command takes ``--json`` and reaches the coordinator at
-``EDGEML_CLOUD_URL`` (default ``http://127.0.0.1:8480``). ``edgeml.cli`` calls
+``EDGEML_CLOUD_URL`` (default ``http://127.0.0.1:8480``), sending ``EDGEML_API_TOKEN``
+when set. ``edgeml.cli`` calls
 :func:`register_subcommands` when it builds its parser and :func:`dispatch` for these
 commands. This module imports only the standard library and httpx at load time (the
 console works on a device install); ``cloud serve`` imports the server lazily. Errors
@@ -30,7 +33,7 @@ from typing import Any
 __all__ = ["COMMANDS", "dispatch", "register_subcommands"]
 
 #: Top-level commands this module adds.
-COMMANDS = ("cloud", "fleet", "models", "rollout")
+COMMANDS = ("cloud", "fleet", "models", "rollout", "ca", "devices", "tokens")
 
 
 def register_subcommands(subparsers: Any) -> None:
@@ -92,8 +95,11 @@ def register_subcommands(subparsers: Any) -> None:
     _register_training(models_sub)  # TRAINING
 
     rollout = _register_rollout(subparsers)  # ROLLOUTS
+    pki_parsers = _register_pki(subparsers)  # PKI
 
-    for parser in (cloud, fleet, models, rollout):
+    tokens = _register_tokens(subparsers)  # TOKENS
+
+    for parser in (cloud, fleet, models, rollout, *pki_parsers, tokens):
         parser.set_defaults(cloud_dispatch=True)
 
 
@@ -522,7 +528,7 @@ _HANDLERS: dict[tuple[str, str], Callable[[argparse.Namespace], int]] = {
 
 
 # --- training ---------------------------------------------------------------------------
-# `models train|runs|compare` run in this process against the coordinator's own store,
+# `models train|runs|compare|drift` run in this process against the coordinator's own store,
 # artifact directory and signing key (from --config / the EDGEML_* environment, as
 # `cloud serve` reads them), not through the REST API: training needs torch (the train
 # extra) where the command runs, and a run's epochs are printed as they finish.
@@ -541,6 +547,11 @@ def _register_training(models_sub: Any) -> None:
     p = models_sub.add_parser("compare", help="two training runs side by side: recipe differences, metric deltas")
     p.add_argument("run_a", metavar="RUN_A")
     p.add_argument("run_b", metavar="RUN_B")
+    _training_flags(p)
+    p = models_sub.add_parser("drift", help="drift per model/version/cohort: PSI of inputs and predictions")
+    p.add_argument("--model", help="only this model")
+    p.add_argument("--fleet", help="only this fleet")
+    p.add_argument("--measure", action="store_true", help="measure now (training.* settings) before showing")
     _training_flags(p)
 
 
@@ -653,8 +664,161 @@ def _models_compare(args: argparse.Namespace) -> int:
     return _emit(args, doc, text)
 
 
+def _models_drift(args: argparse.Namespace) -> int:
+    from ._config import load_cloud_config
+    from .drift import DriftMonitor
+
+    tc = load_cloud_config(args.config).training
+    with _TrainingContext(args.config) as ctx:
+        monitor = DriftMonitor(ctx.store, ctx.registry, threshold=tc.drift_threshold, window_s=tc.window_s,
+                               min_samples=tc.min_samples, min_predictions=tc.min_predictions, cohort_tag=tc.cohort_tag)
+        if args.measure:
+            monitor.measure(fleet=args.fleet, models=None if args.model is None else [args.model])
+        found = monitor.latest(fleet=args.fleet, model=args.model)
+
+    def text(ms: list[dict[str, Any]]) -> str:
+        if not ms:
+            return "no drift measurements (run with --measure, or enable training in the coordinator)"
+        rows = [(m["fleet"], f"{m['model']}@{m['version']}", m["cohort"], m["status"], *(
+            None if m[k] is None else f"{m[k]:.3f}" for k in ("psi", "input_psi", "prediction_psi")),
+            m["samples"], m["predictions"], _when(m["ts"])) for m in ms]
+        return table(rows, ["FLEET", "MODEL", "COHORT", "STATUS", "PSI", "INPUT PSI", "PRED PSI", "SAMPLES",
+                            "PREDICTIONS", "MEASURED"])
+
+    return _emit(args, found, text)
+
+
 _HANDLERS.update({
+    ("models", "drift"): _models_drift,
     ("models", "train"): _models_train,
     ("models", "runs"): _models_runs,
     ("models", "compare"): _models_compare,
 })
+
+
+# --------------------------------------------------------------------------- fleet CA (PKI)
+
+
+def _register_pki(subparsers: Any) -> tuple[Any, Any]:
+    ca = subparsers.add_parser("ca", help="the fleet CA: certificates for mutual TLS with the broker")
+    sub = ca.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = sub.add_parser("init", help="create the CA: DIR/ca.key, ca.crt, crl.pem")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--force", action="store_true", help="replace an existing CA (every certificate becomes invalid)")
+    p = sub.add_parser("broker", help="the broker's server certificate")
+    p.add_argument("--ca", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--host", action="append", required=True, metavar="NAME|IP", help="a name devices use (repeatable)")
+    p.add_argument("--force", action="store_true")
+    p = sub.add_parser("coordinator", help="the coordinator's client certificate")
+    p.add_argument("--ca", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--force", action="store_true")
+    p = sub.add_parser("crl", help="write DIR/crl.pem again (before it expires)")
+    p.add_argument("--ca", required=True, metavar="DIR")
+    devices = subparsers.add_parser("devices", help="device identities (certificates) from the fleet CA")
+    sub = devices.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = sub.add_parser("enroll", help="a key and certificate for DEVICE (its MQTT identity)")
+    p.add_argument("device", metavar="DEVICE")
+    p.add_argument("--ca", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--force", action="store_true")
+    p = sub.add_parser("revoke", help="revoke DEVICE's certificates and write the CRL")
+    p.add_argument("device", metavar="DEVICE")
+    p.add_argument("--ca", required=True, metavar="DIR")
+    return ca, devices
+
+
+def _pki(args: argparse.Namespace) -> int:
+    from . import pki
+
+    try:
+        if args.command == "ca" and args.action == "init":
+            ca = pki.init_ca(args.out, force=args.force)
+            print(f"CA written: {ca.cert_path} (key {ca.root / pki.CA_KEY}, keep it offline), CRL {ca.crl_path}")
+            return 0
+        if args.command == "ca" and args.action == "crl":
+            print(f"CRL written: {pki.load_ca(args.ca).write_crl()}")
+            return 0
+        ca = pki.load_ca(args.ca)
+        if args.command == "devices" and args.action == "revoke":
+            serials = ca.revoke(args.device)
+            print(f"revoked {len(serials)} certificate(s) of {args.device}; CRL written: {ca.crl_path} "
+                  "(install it on the broker and send it SIGHUP)")
+            return 0
+        if args.action == "enroll":
+            issued = ca.enroll_device(args.device, args.out, force=args.force)
+        elif args.action == "broker":
+            issued = ca.issue_broker(args.out, args.host, force=args.force)
+        else:
+            issued = ca.issue_coordinator(args.out, force=args.force)
+    except pki.PkiError as exc:
+        return _fail(str(exc), 2)
+    print(f"{issued.common_name}: certificate {issued.cert}, key {issued.key}, CA {issued.ca_cert}")
+    return 0
+
+
+_HANDLERS.update({
+    ("ca", "init"): _pki,
+    ("ca", "broker"): _pki,
+    ("ca", "coordinator"): _pki,
+    ("ca", "crl"): _pki,
+    ("devices", "enroll"): _pki,
+    ("devices", "revoke"): _pki,
+})
+
+
+# --------------------------------------------------------------------------- API tokens
+# `tokens create|list|revoke` work on the coordinator's store directly (from --config / the
+# EDGEML_* environment, as `cloud serve` reads them): the first admin token is created
+# before any token can call the API. Only the token's sha256 is stored.
+
+
+def _register_tokens(subparsers: Any) -> Any:
+    tokens = subparsers.add_parser("tokens", help="REST API tokens and their roles (viewer, operator, admin)")
+    sub = tokens.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = sub.add_parser("create", help="a new token, printed once (the store keeps only its hash)")
+    p.add_argument("--name", required=True, metavar="N")
+    p.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    _training_flags(p)
+    p = sub.add_parser("list", help="every token: name, role, created, revoked")
+    _training_flags(p)
+    p = sub.add_parser("revoke", help="revoke a token at once")
+    p.add_argument("name", metavar="N")
+    _training_flags(p)
+    return tokens
+
+
+def _tokens(args: argparse.Namespace) -> int:
+    import getpass
+    import os
+
+    from ._config import load_cloud_config
+    from .store import open_store
+    from .tokens import Identity, Role, Tokens
+
+    config = load_cloud_config(args.config)
+    store = open_store(config.store_url)
+    actor = Identity(f"cli:{os.environ.get('USER') or getpass.getuser() or 'unknown'}", Role.ADMIN)
+    try:
+        tokens = Tokens(store)
+        if args.action == "create":
+            secret, record = tokens.create(args.name, args.role, actor=actor)
+            if args.json:
+                return _emit(args, {**record.as_json(), "token": secret}, str)
+            print(secret)
+            print(f"token {record.name!r} ({record.role}) created; it is shown only now. "
+                  "Clients send it as Authorization: Bearer, the CLI reads EDGEML_API_TOKEN.", file=sys.stderr)
+            return 0
+        if args.action == "revoke":
+            return _emit(args, tokens.revoke(args.name, actor=actor).as_json(),
+                         lambda t: f"token {t['name']!r} revoked")
+        rows = [t.as_json() for t in tokens.list()]
+    finally:
+        store.close()
+    return _emit(args, rows, lambda ts: table(
+        [(t["name"], t["role"], _when(t["created_at"]), t["created_by"], _when(t["revoked_at"]) if t["revoked_at"] else None)
+         for t in ts], ["NAME", "ROLE", "CREATED", "BY", "REVOKED"]) if ts else "no tokens")
+
+
+_HANDLERS.update({("tokens", action): _tokens for action in ("create", "list", "revoke")})

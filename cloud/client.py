@@ -51,9 +51,13 @@ def _q(segment: str) -> str:
 
 
 class CloudClient:
-    def __init__(self, base_url: str | None = None, *, timeout: float = 30.0) -> None:
+    """``token``: an API token sent as ``Authorization: Bearer`` (default ``EDGEML_API_TOKEN``)."""
+
+    def __init__(self, base_url: str | None = None, *, timeout: float = 30.0, token: str | None = None) -> None:
         self.base_url = (base_url or cloud_url()).rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        token = token or os.environ.get("EDGEML_API_TOKEN") or None
+        headers = {"Authorization": f"Bearer {token.strip()}"} if token else None
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self._http.close()

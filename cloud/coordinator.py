@@ -51,6 +51,7 @@ class Coordinator:
         self.ingestor: Any = None
         self.desired: Any = None  # DESIRED-STATE HOOK: the DesiredStates service (election + writer)
         self.rollouts: Any = None  # ROLLOUTS HOOK: the RolloutService (ticks on its own thread)
+        self.training: Any = None  # TRAINING HOOK: ContinuousTraining (its scheduler, its TrainingService)
         self.app: Any = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -92,6 +93,11 @@ class Coordinator:
                 log.warning("broker %s not reachable yet; serving the API and retrying", cfg.broker_url)
             routers = self._plug_desired_state()
             routers += self._plug_rollouts()
+            routers += self._plug_training()
+            routers += self._plug_console()
+            from .api._hil import hil_router  # HIL runs reported by `edgeml hil run --report`, the rollout gate
+
+            routers.append(hil_router(self.store))
             self.app = self._make_app(routers)
             self._serve(sock)
         except BaseException:
@@ -112,6 +118,7 @@ class Coordinator:
         self.desired = DesiredStates(
             self.store, self.registry, db_url=cfg.store_url, broker_url=cfg.broker_url, signing_key=cfg.signing_key,
             public_base=self._public_base, preregistered_only=cfg.ingest.policy == "preregistered",
+            broker_tls=cfg.broker_tls,
         )
         self.desired.start()
         return [desired_router(self.desired)]
@@ -137,6 +144,42 @@ class Coordinator:
 
     # <<< ROLLOUTS HOOK
 
+    # >>> TRAINING HOOK
+    def _plug_training(self) -> list[Any]:
+        """Training runs (REST), drift measurements and continuous training: an apscheduler job
+        every ``training.check_interval_s`` when ``training.enabled``, acting only while this
+        replica leads (a lone SQLite coordinator always leads). Stopped before rollouts."""
+        from .api._training import training_router
+        from .drift import DriftMonitor
+        from .training._service import ContinuousTraining, TrainingService
+
+        cfg, tc = self.config, self.config.training
+        service = TrainingService(self.store, self.registry, workdir=cfg.artifact_dir / "training",
+                                  recipes_dir=tc.recipes_dir)
+        monitor = DriftMonitor(self.store, self.registry, threshold=tc.drift_threshold, window_s=tc.window_s,
+                               min_samples=tc.min_samples, min_predictions=tc.min_predictions, cohort_tag=tc.cohort_tag)
+        desired = self.desired
+
+        def leads() -> bool:
+            return desired.is_leader if desired.election is not None else self.store.dialect == "sqlite"
+
+        self.training = ContinuousTraining(tc, service, monitor, is_leader=leads, rollouts=self.rollouts)
+        if tc.enabled:
+            self.training.start()
+        return [training_router(service, self.training, monitor)]
+
+    # <<< TRAINING HOOK
+
+    # >>> CONSOLE HOOK
+    def _plug_console(self) -> list[Any]:
+        """The web console (``/console/``) and its JSON and live-update (SSE) routes."""
+        from .api._console import console_router
+
+        return [console_router(self.store, self.registry, self.rollouts,
+                               closing=lambda: self._server is not None and self._server.should_exit)]
+
+    # <<< CONSOLE HOOK
+
     def _make_app(self, routers: list[Any]) -> Any:
         from .api import create_app
 
@@ -144,6 +187,7 @@ class Coordinator:
         return create_app(
             self.store, self.registry, self.artifacts, ingestor=self.ingestor, max_upload_bytes=cfg.max_upload_bytes,
             metrics=cfg.metrics.enabled, lag_window_s=cfg.metrics.lag_window_s, routers=routers,
+            auth_required=cfg.auth.required,
         )
 
     def _serve(self, sock: socket.socket) -> None:
@@ -175,6 +219,8 @@ class Coordinator:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.error("HTTP server did not stop within %.1fs", timeout)
+        if self.training is not None:
+            self.training.stop(timeout)  # TRAINING HOOK: no check, no run after this
         if self.rollouts is not None:
             self.rollouts.stop(timeout)  # ROLLOUTS HOOK: no tick after desired states stop
         if self.desired is not None:

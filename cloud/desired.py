@@ -43,7 +43,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
-from edgeml._config import parse_broker_url
+from edgeml._config import TLSFiles, parse_broker_url
 from edgeml.protocol import DesiredState, ModelRef, Topics
 from edgeml.protocol.signing import load_private_key, sign_document
 
@@ -241,7 +241,9 @@ class MqttPublisher:
     default: replicas' publishers never take over each other's sessions.
     """
 
-    def __init__(self, broker_url: str, *, client_id: str | None = None, timeout_s: float = 10.0) -> None:
+    def __init__(self, broker_url: str, *, client_id: str | None = None, timeout_s: float = 10.0,
+                 tls: TLSFiles | None = None) -> None:
+        self.tls = tls
         try:
             self.broker = parse_broker_url(broker_url)
         except ValueError as exc:
@@ -289,7 +291,7 @@ class MqttPublisher:
             if self.broker.username:
                 client.username_pw_set(self.broker.username, self.broker.password)
             if self.broker.tls:
-                client.tls_set()
+                (self.tls or TLSFiles()).apply(client)
             client.reconnect_delay_set(0.2, 5)
             client.on_connect = self._on_connect
             client.on_disconnect = lambda *a: self._connected.clear()

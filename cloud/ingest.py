@@ -46,7 +46,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgeml._config import parse_broker_url
+from edgeml._config import TLSFiles, parse_broker_url
 from edgeml.protocol import STATE, STATUS, TELEMETRY, fleet_filter
 
 from . import _parse
@@ -64,6 +64,7 @@ class IngestConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     broker_url: str = "mqtt://127.0.0.1:1883"
+    tls: TLSFiles | None = None  # mqtts://: CA and client certificate (None: the system's CAs)
     client_id: str = "edgeml-coordinator"
     shared_group: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     fleet: str = "+"
@@ -155,7 +156,7 @@ class Ingestor:
         if self.broker.username:
             client.username_pw_set(self.broker.username, self.broker.password)
         if self.broker.tls:
-            client.tls_set()
+            (self.config.tls or TLSFiles()).apply(client)
         client.reconnect_delay_set(0.2, 10)
         client.max_inflight_messages_set(64)  # our own publishes: none today
         client.on_connect = self._on_connect

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._exceptions import ConfigError
 from .protocol import check_id
@@ -98,6 +98,66 @@ class MqttSettings(_Settings):
     batch_max_bytes: int = Field(256 * 1024, ge=1024)
     bandwidth_limit_bps: int | None = Field(None, ge=1024)
 
+    @field_validator("ca_file", "cert_file", "key_file", mode="before")
+    @classmethod
+    def _empty_path(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _tls_file(cls, v: Path | None) -> Path | None:
+        return check_tls_file(v)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> MqttSettings:
+        check_tls_pair(self.cert_file, self.key_file)
+        return self
+
+
+class TLSFiles(_Settings):
+    """TLS to the broker (``mqtts://``): the CA to trust (None: the system's), and a client
+    certificate with its key for mutual TLS (both or neither)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @field_validator("ca_file", "cert_file", "key_file", mode="before")
+    @classmethod
+    def _empty_path(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _tls_file(cls, v: Path | None) -> Path | None:
+        return check_tls_file(v)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> TLSFiles:
+        check_tls_pair(self.cert_file, self.key_file)
+        return self
+
+    def apply(self, client: Any) -> None:
+        """``client.tls_set(...)`` on a paho client with these files."""
+        client.tls_set(ca_certs=_str(self.ca_file), certfile=_str(self.cert_file), keyfile=_str(self.key_file))
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def check_tls_file(path: Path | None) -> Path | None:
+    """``path`` if it is None or a readable file; ValueError naming it otherwise."""
+    if path is not None and not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    return path
+
+
+def check_tls_pair(cert: Path | None, key: Path | None) -> None:
+    """A client certificate and its key come together (mutual TLS), or neither."""
+    if (cert is None) != (key is None):
+        raise ValueError("cert_file and key_file go together: set both for mutual TLS, or neither")
+
 
 class TelemetrySettings(_Settings):
     buffer_max_bytes: int = Field(64 * 1024 * 1024, ge=64 * 1024)
@@ -150,7 +210,9 @@ class AgentConfig(_Settings):
     model_path: Path | None = None
     api_addr: str | None = DEFAULT_API_ADDR
     hardware_profile: str | None = None
-    fleet_pubkey: Path | None = None
+    #: Trusted fleet public keys: one file (it may hold several keys), or several files
+    #: (a list; in the environment separated by ','): more than one during a key rotation.
+    fleet_pubkey: Path | list[Path] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     mqtt: MqttSettings = MqttSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
@@ -174,6 +236,19 @@ class AgentConfig(_Settings):
         if isinstance(v, str):
             return parse_broker_url(v) if v.strip() else None
         return v
+
+    @field_validator("fleet_pubkey", mode="before")
+    @classmethod
+    def _pubkeys(cls, v: Any) -> Any:
+        if isinstance(v, str) and "," in v:
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return None if v in ("", []) else v
+
+    @property
+    def fleet_pubkeys(self) -> list[Path]:
+        """The trusted fleet public key files (empty: none configured)."""
+        keys = self.fleet_pubkey
+        return [] if keys is None else list(keys) if isinstance(keys, list) else [keys]
 
     @field_validator("api_addr")
     @classmethod
@@ -258,12 +333,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not UTF-8 text (byte {exc.start})") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError("--config", f"{path} is not valid YAML{at}") from exc
+    except RecursionError:
+        raise ConfigError("--config", f"{path} is nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

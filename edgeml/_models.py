@@ -118,6 +118,9 @@ class ModelStore:
         except ValueError as exc:
             log.error("ignoring unreadable %s: %s", self._pointer, exc)
             return {}
+        if not isinstance(doc, dict):
+            log.error("ignoring %s: not a JSON object", self._pointer)
+            return {}
         if "sha256" in doc:  # the first layout: the active model's info alone
             return {"active": doc, "previous": None}
         return doc

@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import random
+import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -31,9 +32,17 @@ class Prediction(NamedTuple):
     model: str
     version: str
     latency_us: float
+    number: int = 0  # the agent's prediction counter
+    boot: str = ""  # the agent's per-boot prefix
+
+    @property
+    def id(self) -> str:
+        """``{boot}-{number}``: unique per device (made only when asked for: the hot path builds no string)."""
+        return f"{self.boot}-{self.number}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"outputs": self.outputs, "model": self.model, "version": self.version, "latency_us": self.latency_us}
+        return {"id": self.id, "outputs": self.outputs, "model": self.model, "version": self.version,
+                "latency_us": self.latency_us}
 
 
 class Agent:
@@ -53,6 +62,7 @@ class Agent:
         self._counter_lock = threading.Lock()
         self._predictions = 0
         self._prediction_counter = itertools.count(1)
+        self._boot = secrets.token_hex(4)  # prefix of this boot's prediction ids
         self._errors = 0
         self._bad_messages = 0
         self._last_dropped_reported = 0
@@ -217,12 +227,13 @@ class Agent:
                 self._updates.observe(None)
             raise ModelError(f"inference failed: {exc}") from exc
         name, version = model.name, model.version
+        self._predictions = number = next(self._prediction_counter)  # atomic under the GIL, no lock; the id
         buffer = self._buffer
         if buffer is not None:
             buffer.append_prediction(name, version, latency, model.first_output, outputs[model.first_output])
             if self._sample_rate and random.random() < self._sample_rate:
-                buffer.append("sample", {"model": name, "version": version, "inputs": dict(feeds), "outputs": outputs})
-        self._predictions = next(self._prediction_counter)  # atomic under the GIL, no lock
+                buffer.append("sample", {"model": name, "version": version, "prediction_id": f"{self._boot}-{number}",
+                                         "inputs": dict(feeds), "outputs": outputs})
         updates = self._updates
         if updates is not None:  # read each attribute once: the update thread may clear it
             probation, shadow = updates.probation, updates.shadow
@@ -230,13 +241,18 @@ class Agent:
                 probation.observe(latency)
             if shadow is not None:
                 shadow.offer(feeds, model, outputs, latency)
-        return Prediction(outputs, name, version, latency)
+        return Prediction(outputs, name, version, latency, number, self._boot)
 
-    def feedback(self, label: Any, predicted: Any = None, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def feedback(self, label: Any, predicted: Any = None, inputs: Mapping[str, Any] | None = None,
+                 prediction_id: str | None = None) -> dict[str, Any]:
         """Record the true label of a prediction (``predicted``: what the application got).
-        With ``inputs``, the record is also a labeled sample for retraining."""
+        With ``inputs``, the record is also a labeled sample for retraining; with
+        ``prediction_id`` (the ``id`` of the predict answer) the cloud joins it to that
+        prediction's sample record."""
         if not isinstance(label, int | float | str) or isinstance(label, bool):
             raise InputError('"label" must be a number or a string')
+        if prediction_id is not None and (not isinstance(prediction_id, str) or not 0 < len(prediction_id) <= 64):
+            raise InputError('"id" must be the prediction id (a string of at most 64 characters)')
         if predicted is not None and (not isinstance(predicted, int | float | str) or isinstance(predicted, bool)):
             raise InputError('"predicted" must be a number or a string')
         model = self._model
@@ -244,6 +260,8 @@ class Agent:
             "model": model.name if model else None, "version": model.version if model else None,
             "label": label, "predicted": predicted, "correct": None if predicted is None else label == predicted,
         }
+        if prediction_id is not None:
+            fields["prediction_id"] = prediction_id
         if inputs is not None:
             if model is None:
                 raise NoModelError()

@@ -1,9 +1,10 @@
 """Local inference API for applications on the device (HTTP/1.1, stdlib server).
 
     POST /v1/predict   {"inputs": {"<name>": <nested list>}}
-                       -> {"outputs": {...}, "model": ..., "version": ..., "latency_us": ...}
-    POST /v1/feedback  {"label": ..., "predicted": ... (optional), "inputs": {...} (optional)}
-                       -> 202: a feedback record (accuracy; with inputs, a labeled sample)
+                       -> {"id": ..., "outputs": {...}, "model": ..., "version": ..., "latency_us": ...}
+    POST /v1/feedback  {"label": ..., "id": ... (optional), "predicted": ... (optional), "inputs": {...} (optional)}
+                       -> 202: a feedback record (accuracy; with inputs, a labeled sample; with the
+                       prediction's id, joined in the cloud to that prediction's sample record)
     GET  /v1/health    200 {"status": "ok", ...} or 503 {"status": "no_model", ...}
     GET  /v1/status    the agent's status document
 
@@ -107,10 +108,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _feedback(self, body: Any) -> None:
         if not isinstance(body, dict) or "label" not in body:
-            self._error(400, "bad_request", 'body must be an object with "label" (and optionally "predicted", "inputs")')
+            self._error(400, "bad_request", 'body must be an object with "label" (and optionally "id", "predicted", "inputs")')
             return
         try:
-            recorded = self.server.agent.feedback(body["label"], body.get("predicted"), body.get("inputs"))
+            recorded = self.server.agent.feedback(body["label"], body.get("predicted"), body.get("inputs"),
+                                                  body.get("id"))
         except NoModelError as exc:
             self._error(503, "no_model", str(exc))
         except InputError as exc:

@@ -11,7 +11,15 @@ A simulated device follows its desired state like the real agent, but lightly: i
 checks the document's signature when a fleet key is given, fetches the model (shared
 by sha256, downloaded once), and switches; there is no on-disk state machine. Knobs:
 prediction rate, injected extra latency (absolute or as a factor), error rate and
-accuracy (per model version or for all), input drift, and connection drops.
+accuracy (per model version or for all), input drift (fixed, or rising per second),
+and connection drops.
+
+Data source: standard normal inputs (plus ``Faults.drift``), or, with ``sensor=`` (an
+:class:`edgeml._testing.sensor.SensorStream`), readings of the synthetic sensor at the
+current drift, whose true state is the label fed back. A fraction ``sample_rate`` of
+the predictions is also sent as a ``sample`` record (inputs and outputs); samples and
+feedback carry the prediction's ``prediction_id`` (the device's boot prefix and its
+counter, like the agent), so the cloud joins labels to inputs.
 
 Labels: each prediction gets a true label that equals the model's top1 with the
 version's probability (``Faults.accuracy``, default 0.9), otherwise another class; a
@@ -66,7 +74,8 @@ class Faults:
     latency_factor: dict[str, float] = field(default_factory=dict)  # version ("*" = all) -> x latency
     service_time_us: float = 0.0  # a device's own inference time (median of a lognormal, sigma 0.25), added
     accuracy: dict[str, float] = field(default_factory=dict)  # version ("*" = all) -> P(label == top1)
-    drift: float = 0.0  # added to every input value
+    drift: float = 0.0  # added to every input value (with a sensor stream: the stream's drift)
+    drift_per_s: float = 0.0  # the drift rises by this much per second after start()
     shadow_disagreement: dict[str, float] = field(default_factory=dict)  # shadow version -> P(top1 differs)
     disconnect_rate: float = 0.0  # per device and second
 
@@ -199,9 +208,15 @@ class SimDevice:
         self._record({"kind": "event", "name": name, "level": "info", "message": "", "data": data})
 
     def predict(self, rng: np.random.Generator) -> None:
-        model, faults = self.model, self.sim.faults
+        model, faults, sensor = self.model, self.sim.faults, self.sim.sensor
         spec = model.runtime.inputs[0]
-        x = rng.standard_normal([d or 1 for d in spec.shape]).astype(spec.dtype) + faults.drift
+        shape = [d or 1 for d in spec.shape]
+        truth: int | None = None
+        if sensor is not None:  # a reading of the synthetic sensor and the machine's true state
+            xs, ys = sensor.sample(1, drift=self.sim.drift_now(), rng=rng)
+            x, truth = xs.reshape(shape).astype(spec.dtype), int(ys[0])
+        else:
+            x = rng.standard_normal(shape).astype(spec.dtype) + faults.drift
         t0 = time.perf_counter()
         outputs = model.runtime.run({spec.name: x})
         latency = (time.perf_counter() - t0) * 1e6
@@ -216,11 +231,17 @@ class SimDevice:
         summary = summarize(model.first_output, out)
         self._record({"kind": "prediction", "model": model.name, "version": model.version,
                       "latency_us": round(latency, 2), "batch": 1, "summary": summary})
+        prediction_id = None  # like the agent's: boot prefix + counter, made when a record needs it
+        if self.sim.sample_rate and rng.random() < self.sim.sample_rate:
+            prediction_id = f"{self.stream[:8]}-{self.predictions}"
+            self._record({"kind": "sample", "model": model.name, "version": model.version,
+                          "prediction_id": prediction_id, "inputs": {spec.name: x}, "outputs": outputs})
         top1 = summary.get("top1")
         if self.shadow is not None and self.sim.shadow_rate and rng.random() < self.sim.shadow_rate:
             self._shadow(rng, {spec.name: x}, latency, top1)
         if top1 is not None and rng.random() < self.sim.feedback_rate:
-            self._feedback(rng, int(top1), int(np.asarray(out).shape[-1]))
+            self._feedback(rng, int(top1), int(np.asarray(out).shape[-1]), truth,
+                           prediction_id or f"{self.stream[:8]}-{self.predictions}")
 
     def _shadow(self, rng: np.random.Generator, feeds: dict[str, np.ndarray], primary_us: float,
                 top1: int | None) -> None:
@@ -238,14 +259,16 @@ class SimDevice:
             agreed = False
         self.shadow_stats.append((primary_us, latency, agreed))
 
-    def _feedback(self, rng: np.random.Generator, top1: int, classes: int) -> None:
-        """The application's label: right with the version's accuracy, else another class."""
+    def _feedback(self, rng: np.random.Generator, top1: int, classes: int, truth: int | None = None,
+                  prediction_id: str | None = None) -> None:
+        """The application's label: the sensor's ground truth, or else right with the version's
+        accuracy and another class otherwise."""
         model = self.model
-        label = top1
-        if classes > 1 and rng.random() >= self.sim.faults.accuracy_of(model.version):
+        label = top1 if truth is None else truth
+        if truth is None and classes > 1 and rng.random() >= self.sim.faults.accuracy_of(model.version):
             label = (top1 + 1 + int(rng.integers(classes - 1))) % classes
         self._record({"kind": "feedback", "model": model.name, "version": model.version, "label": label,
-                      "predicted": top1, "correct": label == top1})
+                      "predicted": top1, "correct": label == top1, "prediction_id": prediction_id})
 
     def metrics(self) -> None:
         if self.shadow is not None and self.shadow_stats:
@@ -282,7 +305,8 @@ class Simulator:
     def __init__(self, broker_url: str, model_path: Path, *, devices: int, fleet: str = "sim",
                  rate: float = 1.0, workdir: Path, faults: Faults | None = None,
                  public_keys: Any = None, tags: Callable[[int], dict[str, str]] | None = None,
-                 seed: int = 0, feedback_rate: float = 0.1, shadow_rate: float = 1.0) -> None:
+                 seed: int = 0, feedback_rate: float = 0.1, shadow_rate: float = 1.0,
+                 sensor: Any = None, sample_rate: float = 0.0) -> None:
         from ._config import parse_broker_url
 
         self.broker = parse_broker_url(broker_url)
@@ -290,6 +314,8 @@ class Simulator:
         self.rate = rate
         self.faults = faults or Faults()
         self.feedback_rate = feedback_rate  # fraction of predictions whose label is fed back
+        self.sensor = sensor  # an edgeml._testing.sensor.SensorStream: inputs and true labels from it
+        self.sample_rate = sample_rate  # fraction of predictions also sent as sample records (inputs + outputs)
         self.shadow_rate = shadow_rate  # fraction of predictions also run through a shadow model
         self.public_keys = public_keys
         self.run_id = f"{seed}"
@@ -392,6 +418,13 @@ class Simulator:
                 last_metrics = now
                 for device in self.devices:
                     device.metrics()
+
+    def drift_now(self) -> float:
+        """The input drift at this moment: ``Faults.drift``, rising by ``drift_per_s`` after start."""
+        faults = self.faults
+        if not faults.drift_per_s or not self.started_at:
+            return faults.drift
+        return faults.drift + faults.drift_per_s * (time.monotonic() - self.started_at)
 
     def stats(self) -> dict[str, Any]:
         devices = self.devices

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from ._config import AgentConfig, BrokerURL
-from ._exceptions import StorageError
+from ._exceptions import ConfigError, StorageError
 from .buffer import TelemetryBuffer
 from .protocol import PROTOCOL_VERSION, Topics
 
@@ -141,11 +142,14 @@ class MqttSync:
         if broker.username:
             self._client.username_pw_set(broker.username, broker.password)
         if broker.tls:
-            self._client.tls_set(
-                ca_certs=str(settings.ca_file) if settings.ca_file else None,
-                certfile=str(settings.cert_file) if settings.cert_file else None,
-                keyfile=str(settings.key_file) if settings.key_file else None,
-            )
+            try:
+                self._client.tls_set(
+                    ca_certs=str(settings.ca_file) if settings.ca_file else None,
+                    certfile=str(settings.cert_file) if settings.cert_file else None,
+                    keyfile=str(settings.key_file) if settings.key_file else None,
+                )
+            except (ssl.SSLError, OSError) as exc:  # a file that is not PEM, a key that does not fit
+                raise ConfigError("mqtt", f"cannot use the TLS files (ca_file, cert_file, key_file): {exc}") from exc
         self._client.will_set(self.topics.status, self._status("offline", "connection_lost"), qos=1, retain=True)
         self._cursor = (self.buffer.oldest_seq() or self.buffer.stats().next_seq) - 1
         self._client.connect_async(broker.host, broker.port, keepalive=settings.keepalive_s)
@@ -208,7 +212,10 @@ class MqttSync:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self.on_message is not None:
-            self.on_message(message.topic, message.payload)
+            try:
+                self.on_message(message.topic, message.payload)
+            except Exception:  # one hostile message must not end paho's thread (and every message after it)
+                log.exception("handling a message on %s failed; dropped", message.topic)
 
     # ------------------------------------------------------------------ publisher thread
     def _drain_acks(self) -> None:

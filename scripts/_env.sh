@@ -10,6 +10,10 @@ if ! command -v mosquitto >/dev/null 2>&1; then
     echo "note: mosquitto is not installed (sudo apt install mosquitto mosquitto-clients)" >&2
   fi
 fi
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing chromium (Debian package, for the console's browser tests)..." >&2
+  apt-get install -y -q chromium >/dev/null
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "creating $VENV ..." >&2
   python3 -m venv "$VENV"

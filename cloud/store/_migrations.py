@@ -296,6 +296,84 @@ MIGRATIONS.append(Migration(5, "rollouts, cohorts, verdicts, audit log", {
 }))
 # <<< ROLLOUTS
 
+# >>> TRAINING (migration 6): training runs (tables RunStore also creates on first use, hence
+# IF NOT EXISTS throughout), drift measurements and continuous-training triggers
+_V6 = """
+CREATE TABLE IF NOT EXISTS training_runs (
+    run_id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL, recipe TEXT NOT NULL,
+    recipe_sha256 TEXT NOT NULL, dataset_hash TEXT, code_version TEXT NOT NULL, metrics TEXT,
+    artifacts TEXT, result TEXT, error TEXT, started_at DOUBLE PRECISION NOT NULL,
+    finished_at DOUBLE PRECISION
+);
+CREATE TABLE IF NOT EXISTS training_epochs (
+    run_id TEXT NOT NULL, epoch INTEGER NOT NULL, loss DOUBLE PRECISION NOT NULL,
+    train_accuracy DOUBLE PRECISION NOT NULL, test_accuracy DOUBLE PRECISION NOT NULL,
+    seconds DOUBLE PRECISION NOT NULL, PRIMARY KEY (run_id, epoch)
+);
+CREATE TABLE IF NOT EXISTS training_snapshots (
+    hash TEXT PRIMARY KEY, summary TEXT NOT NULL, path TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS drift_measurements (
+    id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, fleet TEXT NOT NULL, model TEXT NOT NULL,
+    version TEXT NOT NULL, cohort TEXT NOT NULL, status TEXT NOT NULL, psi DOUBLE PRECISION,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS drift_measurements_by_model ON drift_measurements (model, version, cohort, ts);
+CREATE INDEX IF NOT EXISTS drift_measurements_by_ts ON drift_measurements (ts);
+CREATE TABLE IF NOT EXISTS training_triggers (
+    id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, model TEXT NOT NULL, kind TEXT NOT NULL,
+    reason TEXT NOT NULL, status TEXT NOT NULL, parent TEXT, run_id TEXT, evidence TEXT NOT NULL,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS training_triggers_by_model ON training_triggers (model, ts)
+"""
+MIGRATIONS.append(Migration(6, "training runs, drift measurements, retraining triggers",
+                            {"sqlite": _V6, "postgresql": _V6}))
+# <<< TRAINING
+
+# >>> AUTH (migration 7): API tokens (only their sha256 is stored) and the actor's role in the audit log
+_V7 = """
+CREATE TABLE api_tokens (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    created_at {real} NOT NULL,
+    created_by TEXT NOT NULL,
+    revoked_at {real}
+);
+ALTER TABLE audit_log ADD COLUMN role TEXT;
+CREATE INDEX audit_log_by_ts ON audit_log (ts)
+"""
+MIGRATIONS.append(Migration(7, "API tokens, roles in the audit log", {
+    "sqlite": _V7.format(real="REAL"), "postgresql": _V7.format(real="DOUBLE PRECISION"),
+}))
+# <<< AUTH
+
+# >>> HIL (migration 8): hardware-in-the-loop runs reported by `edgeml hil run --report` (cloud/api/_hil.py)
+_V8 = """
+CREATE TABLE hil_runs (
+    id {serial},
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    scenario TEXT NOT NULL,
+    hardware_profile TEXT NOT NULL,
+    target TEXT NOT NULL,
+    passed INTEGER NOT NULL,
+    tests INTEGER NOT NULL,
+    failures INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    skipped INTEGER NOT NULL,
+    doc TEXT NOT NULL,
+    ts {real} NOT NULL
+);
+CREATE INDEX hil_runs_by_model ON hil_runs (model_name, model_version, id)
+"""
+MIGRATIONS.append(Migration(8, "hardware-in-the-loop runs", {
+    "sqlite": _V8.format(real="REAL", serial="INTEGER PRIMARY KEY AUTOINCREMENT"),
+    "postgresql": _V8.format(real="DOUBLE PRECISION", serial="BIGSERIAL PRIMARY KEY"),
+}))
+# <<< HIL
+
 _CREATE_VERSION_TABLE = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at {real} NOT NULL)"
 )

@@ -13,7 +13,6 @@ the code version, the parent model, metrics, and latency and size per runtime.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import subprocess
 import time
@@ -26,6 +25,7 @@ import numpy as np
 from .._exceptions import CloudError
 from ..drift import build_reference
 from ..store import Store
+from . import _tflite
 from ._data import Snapshot, build_snapshot, save_snapshot
 from ._quantize import Evaluation, evaluate, gate, interleaved_latency, probabilities, quantize
 from ._recipe import Recipe
@@ -74,10 +74,21 @@ def split(snapshot: Snapshot, test_fraction: float, seed: int) -> tuple[np.ndarr
 
 
 def tflite_status() -> dict[str, Any]:
-    if importlib.util.find_spec("litert_torch") is None and importlib.util.find_spec("ai_edge_torch") is None:
-        return {"status": "skipped", "reason": "litert-torch is not installed (the converter from PyTorch to TFLite); "
-                "ai-edge-litert alone can run .tflite models but not convert them"}
-    return {"status": "skipped", "reason": "litert-torch is installed but TFLite conversion is not implemented yet"}
+    """``skipped`` and why when TFLite cannot be exported here, else ``available``."""
+    reason = _tflite.unavailable()
+    return {"status": "skipped", "reason": reason} if reason else {"status": "available"}
+
+
+def _tflite_step(recipe: Recipe, trained: Any, run_dir: Path, x_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
+                 float_path: Path, say: Progress) -> dict[str, Any]:
+    if not recipe.export.tflite:
+        return {"status": "disabled", "reason": "export.tflite is false"}
+    q = recipe.quantization
+    rng = np.random.default_rng(recipe.training.seed)  # the same calibration rows as the ONNX int8
+    calibration = x_tr[rng.permutation(len(x_tr))[: q.calibration_rows]]
+    return _tflite.export_and_gate(trained.model, run_dir, calibration, x_te, y_te, onnx_float=float_path,
+                                   margin=q.margin, min_speedup=q.min_speedup, repeats=q.latency_repeats,
+                                   quantize=q.enabled, say=say)
 
 
 def train(
@@ -163,9 +174,10 @@ def _export_and_gate(
     result: dict[str, Any] = {
         "drift_reference": reference,
         "float": float_eval.as_json(), "onnx_max_abs_diff": onnx_diff, "int8": None, "int8_candidates": [],
-        "tflite": tflite_status() if recipe.export.tflite else {"status": "disabled", "reason": "export.tflite is false"},
+        "tflite": _tflite_step(recipe, trained, run_dir, x_tr, x_te, y_te, float_path, say),
         "artifacts": {"onnx_float": str(float_path)},
     }
+    result["artifacts"].update(result["tflite"].get("artifacts", {}))
     if not q.enabled:
         say(_float_line(float_eval, len(x_te)))
         return result
@@ -247,4 +259,7 @@ def _register(recipe: Recipe, registry: Any, result: dict[str, Any], version: st
                                  metrics=metrics, params={**lineage, "quantization": q["method"]}, parent=model.ref,
                                  dataset_hash=dataset_hash)
         refs.append(int8.ref)
+    refs += _tflite.register(registry, recipe.name, version, result["tflite"], lineage=lineage,
+                             base_metrics={"loss": float_metrics["loss"], "eval_rows": float_metrics["eval_rows"]},
+                             parent=model.ref, dataset_hash=dataset_hash)
     return refs

@@ -49,6 +49,7 @@ class SampleRecord(_Record):
     kind: Literal["sample"] = "sample"
     model: str
     version: str
+    prediction_id: str | None = Field(None, description="Id of the prediction (the predict answer's id): feedback naming it joins this sample.")
     inputs: dict[str, Any] = Field(description="Input name -> nested list.")
     outputs: dict[str, Any] = Field(description="Output name -> nested list.")
 
@@ -76,6 +77,7 @@ class FeedbackRecord(_Record):
     predicted: int | float | str | None = Field(None, description="What the model answered, as the application saw it.")
     correct: bool | None = Field(None, description="label == predicted, when both are given.")
     inputs: dict[str, Any] | None = Field(None, description="The inputs, when the application sends them (a labeled sample).")
+    prediction_id: str | None = Field(None, description="Id of the prediction this label is for (the predict answer's id), when the application sends it.")
 
 
 class EventRecord(_Record):

@@ -19,7 +19,7 @@ DESIRED = "desired"
 
 def check_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it is a valid fleet or device id, else raise ValueError."""
-    if not ID_PATTERN.match(value):
+    if not ID_PATTERN.fullmatch(value):  # not match(): "$" also matches before a final "\n"
         raise ValueError(
             f"{what} {value!r} must be 1-64 characters of letters, digits, '.', '_' or '-' "
             "and start with a letter or digit"

@@ -100,11 +100,15 @@ def _fetch(url: str, dest: Path, *, size: int | None, max_bytes: int, timeout_s:
                 raise UpdateRejected("download_failed", f"HTTP {response.status_code} from {url}")
             mode = "ab" if response.status_code == 206 else "wb"
             written = have if mode == "ab" else 0
+            # endless data: never read past the signed size (or the device's limit without one)
+            limit, what = (max_bytes, "the limit of") if size is None or size > max_bytes else (size, "its signed size,")
             with dest.open(mode) as fh:
                 for chunk in response.iter_bytes(CHUNK):
                     written += len(chunk)
-                    if written > max_bytes:
-                        raise UpdateRejected("too_large", f"artifact exceeds the limit of {max_bytes} bytes")
+                    if written > limit:
+                        fh.close()
+                        dest.unlink(missing_ok=True)  # never resume from a server that sends too much
+                        raise UpdateRejected("too_large", f"artifact exceeds {what} {limit} bytes")
                     fh.write(chunk)
                 fh.flush()
                 os.fsync(fh.fileno())

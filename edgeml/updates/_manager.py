@@ -34,6 +34,8 @@ from ._shadow import ShadowRunner
 log = logging.getLogger(__name__)
 
 MAX_DOCUMENT_BYTES = 256 * 1024
+#: The largest revision the update log (SQLite INTEGER) keeps.
+MAX_REVISION = 2**63 - 1
 #: Test hook: ``EDGEML_UPDATE_CRASH_AT=<state>`` kills the agent (SIGKILL) right after
 #: that state is persisted, to prove that every state resumes or rolls back.
 CRASH_AT_ENV = "EDGEML_UPDATE_CRASH_AT"
@@ -161,6 +163,8 @@ class UpdateManager:
             desired = DesiredState.model_validate(doc)
         except ValidationError as exc:
             raise UpdateRejected("malformed", str(exc).splitlines()[0]) from None
+        if desired.revision > MAX_REVISION:  # it could not be logged: the worker would die on it
+            raise UpdateRejected("malformed", f"desired revision {desired.revision} is beyond {MAX_REVISION}")
         for field_name, mine in (("fleet", self.config.fleet), ("device", self.config.device_id)):
             theirs = getattr(desired, field_name)
             if theirs is not None and theirs != mine:
