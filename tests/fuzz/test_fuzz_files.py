@@ -99,6 +99,7 @@ def _write(path: Path, content: str | bytes) -> Path:
 
 @given(content=settings_text(AGENT_KEYS), env=env_vars(AGENT_KEYS))
 @example(content=b"fleet: \xff\xfe", env={})  # not UTF-8: a UnicodeDecodeError escaped
+@example(content="", env={"EDGEML_FLEET_PUBKEY": "key\udcff"})  # undecodable bytes in the environment
 @FUZZ
 def test_agent_settings_load_or_name_the_bad_key(content: str | bytes, env: dict[str, str],
                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -113,6 +114,8 @@ def test_agent_settings_load_or_name_the_bad_key(content: str | bytes, env: dict
 
 @given(content=settings_text(CLOUD_KEYS), env=env_vars(CLOUD_KEYS))
 @example(content=b"db: \xff", env={})
+@example(content='signing_key: "ab\\ud800cdefghijklmn"', env={})  # a lone surrogate broke pydantic's error
+@example(content="", env={"EDGEML_SIGNING_KEY": "key\udcff"})  # undecodable bytes in the environment
 @FUZZ
 def test_cloud_settings_load_or_name_the_bad_key(content: str | bytes, env: dict[str, str],
                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
