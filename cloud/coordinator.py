@@ -95,9 +95,7 @@ class Coordinator:
             routers += self._plug_rollouts()
             routers += self._plug_training()
             routers += self._plug_console()
-            from .api._hil import hil_router  # HIL runs reported by `edgeml hil run --report`, the rollout gate
-
-            routers.append(hil_router(self.store))
+            routers += self._plug_hil()
             self.app = self._make_app(routers)
             self._serve(sock)
         except BaseException:
@@ -169,6 +167,12 @@ class Coordinator:
         return [training_router(service, self.training, monitor)]
 
     # <<< TRAINING HOOK
+
+    def _plug_hil(self) -> list[Any]:
+        """HIL runs reported by ``edgeml hil run --report``: what a rollout's HIL gate reads."""
+        from .api._hil import hil_router
+
+        return [hil_router(self.store)]
 
     # >>> CONSOLE HOOK
     def _plug_console(self) -> list[Any]:

@@ -27,7 +27,7 @@ version's probability (``Faults.accuracy``, default 0.9), otherwise another clas
 fraction ``feedback_rate`` of the predictions. A desired state naming a ``shadow``
 model makes the device fetch it (shared), report it as ``shadow`` in its state (a
 blue/green preload is observable) and run it beside the model on a fraction
-``shadow_rate`` of the predictions, like the agent's shadow mode: each metrics tick
+``shadow_rate`` (default 0.1, the agent's default) of the predictions, like the agent's shadow mode: each metrics tick
 sends a ``shadow`` record (top-1 agreement, primary and shadow latency; knob
 ``Faults.shadow_disagreement``). ``start(offline=[...])``
 leaves devices unconnected until :meth:`Simulator.connect`.
@@ -305,8 +305,8 @@ class Simulator:
     def __init__(self, broker_url: str, model_path: Path, *, devices: int, fleet: str = "sim",
                  rate: float = 1.0, workdir: Path, faults: Faults | None = None,
                  public_keys: Any = None, tags: Callable[[int], dict[str, str]] | None = None,
-                 seed: int = 0, feedback_rate: float = 0.1, shadow_rate: float = 1.0,
-                 sensor: Any = None, sample_rate: float = 0.0) -> None:
+                 seed: int = 0, feedback_rate: float = 0.1,
+                 sensor: Any = None, sample_rate: float = 0.0, shadow_rate: float = 0.1) -> None:
         from ._config import parse_broker_url
 
         self.broker = parse_broker_url(broker_url)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..rollouts import RolloutService
@@ -27,7 +27,7 @@ class RolloutIn(BaseModel):
     steps: list[float] | None = None
     policy: dict[str, Any] | None = None
     fleet: str = "default"
-    actor: str = Field(min_length=1)
+    actor: str | None = Field(None, min_length=1, description="open API only: with tokens, the token's name")
     reason: str = ""
     salt: str | None = Field(None, description="fixes the cohorts (default: random per rollout)")
 
@@ -35,8 +35,17 @@ class RolloutIn(BaseModel):
 class ActionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    actor: str = Field(min_length=1)
+    actor: str | None = Field(None, min_length=1, description="open API only: with tokens, the token's name")
     reason: str = ""
+
+
+def _actor(request: Request, claimed: str | None) -> str:
+    """Who acts: the authenticated token's name; only an open API (no tokens) takes the
+    body's word for it (an operator cannot approve in someone else's name)."""
+    identity = getattr(request.state, "identity", None)
+    if identity is not None and identity.name != "anonymous":
+        return str(identity.name)
+    return claimed or "anonymous"
 
 
 def rollout_router(service: RolloutService) -> APIRouter:
@@ -45,9 +54,9 @@ def rollout_router(service: RolloutService) -> APIRouter:
                "promote": service.promote, "approve": service.approve, "rollback": service.rollback}
 
     @router.post("/v1/rollouts", status_code=201)
-    def start_rollout(body: RolloutIn) -> dict[str, Any]:
+    def start_rollout(body: RolloutIn, request: Request) -> dict[str, Any]:
         return service.start(body.model, body.strategy, body.target, steps=body.steps, policy=body.policy,
-                             actor=body.actor, fleet=body.fleet, reason=body.reason, salt=body.salt)
+                             actor=_actor(request, body.actor), fleet=body.fleet, reason=body.reason, salt=body.salt)
 
     @router.get("/v1/rollouts")
     def list_rollouts() -> list[dict[str, Any]]:
@@ -59,7 +68,7 @@ def rollout_router(service: RolloutService) -> APIRouter:
 
     @router.post("/v1/rollouts/{rollout_id}/{action}")
     def act(rollout_id: str, action: Literal["pause", "resume", "abort", "promote", "approve", "rollback"],
-            body: ActionIn) -> dict[str, Any]:
-        return actions[action](rollout_id, body.actor, body.reason)
+            body: ActionIn, request: Request) -> dict[str, Any]:
+        return actions[action](rollout_id, _actor(request, body.actor), body.reason)
 
     return router

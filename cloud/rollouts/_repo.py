@@ -111,8 +111,10 @@ def audit(tx: Transaction, actor: str, action: str, rollout_id: str | None, reas
 
 
 def audit_entries(tx: Transaction, rollout_id: str) -> list[dict[str, Any]]:
-    rows = tx.execute("SELECT ts, actor, action, reason, evidence FROM audit_log WHERE rollout_id = ? ORDER BY id",
-                      (rollout_id,)).fetchall()
+    """The rollout's own history (what the engine and the commands did). The API's record of
+    each HTTP request (``role`` set: who called, allowed or not) is in ``GET /v1/audit``."""
+    rows = tx.execute("SELECT ts, actor, action, reason, evidence FROM audit_log WHERE rollout_id = ? "
+                      "AND role IS NULL ORDER BY id", (rollout_id,)).fetchall()
     return [{"ts": r[0], "actor": r[1], "action": r[2], "reason": r[3], "evidence": loads(r[4])} for r in rows]
 
 

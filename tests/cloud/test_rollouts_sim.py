@@ -177,7 +177,7 @@ class SimSite:
         assert r.status_code == 201, r.text
         return str(r.json()["id"])
 
-    def wait_state(self, rid: str, *states: str, timeout: float = 40) -> dict[str, Any]:
+    def wait_state(self, rid: str, *states: str, timeout: float = 90) -> dict[str, Any]:
         def done() -> dict[str, Any] | None:
             doc = self.http.get(f"/v1/rollouts/{rid}").json()
             return doc if doc["state"] in states else None
@@ -227,7 +227,7 @@ def test_bad_model_rolled_back_good_one_promoted_and_offline_devices_catch_up(ma
 
     # a good release, promoted step by step; the 20 offline devices are not waited for
     good = site.wait_state(site.rollout("mlp@1.1.0", "canary", [10, 50, 100], POLICY), "completed", "rolled_back",
-                           "paused", timeout=60)
+                           "paused", timeout=150)
     assert good["state"] == "completed", good["reason"]
     actions = [a["action"] for a in good["audit"]]
     assert actions.count("promote") == 2 and actions.count("step_started") == 3
@@ -255,22 +255,22 @@ def test_blue_green_preloads_everywhere_flips_and_flips_back(make_site: Any) -> 
     site: SimSite = make_site(Faults())
     rid = site.rollout("mlp@1.1.0", "bluegreen", [100], {"min_dwell_s": 0,
                                                          "gates": [{"metric": "health", "threshold": 0}]})
-    wait_until(lambda: site.sim.stats()["shadows"] == {"1.1.0": N}, 30, what="preload on every device")
+    wait_until(lambda: site.sim.stats()["shadows"] == {"1.1.0": N}, 90, what="preload on every device")
     wait_until(lambda: [(s.get("shadow") or {}).get("version") for s in site.reported().values()] == ["1.1.0"] * N,
-               30, what="the preload reported to the coordinator")
+               90, what="the preload reported to the coordinator")
     assert site.versions() == {"1.0.0": N}  # preloaded, not served
     status = site.wait_state(rid, "running")
     assert status["step"] == 0
 
     flipped = site.http.post(f"/v1/rollouts/{rid}/promote", json={"actor": "ana", "reason": "flip"})
     assert flipped.status_code == 200, flipped.text
-    wait_until(lambda: site.versions() == {"1.1.0": N}, 30, what="the flip")
+    wait_until(lambda: site.versions() == {"1.1.0": N}, 90, what="the flip")
     assert site.wait_state(rid, "completed")["step"] == 1
     assert site.sim.stats()["shadows"] == {}
 
     back = site.http.post(f"/v1/rollouts/{rid}/rollback", json={"actor": "ana", "reason": "flip back"})
     assert back.status_code == 200, back.text
-    wait_until(lambda: site.versions() == {"1.0.0": N}, 30, what="the flip back")
+    wait_until(lambda: site.versions() == {"1.0.0": N}, 90, what="the flip back")
     done = site.wait_state(rid, "rolled_back")
     assert [a["action"] for a in done["audit"]] == ["start", "step_started", "promote", "step_started", "complete",
                                                      "rollback", "rolled_back"]

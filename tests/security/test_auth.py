@@ -109,7 +109,11 @@ def test_viewer_cannot_start_a_rollout_operator_can_both_audited(
     assert r.status_code == 200, r.text
     by_rollout = http.get("/v1/audit", params={"rollout_id": rollout_id, "actor": "otto"},
                           headers=bearer(viewer)).json()
-    assert [e["action"] for e in by_rollout] == ["act"]
+    assert [e["action"] for e in by_rollout] == ["act", "pause", "start"]  # the request, then the rollout's own
+    # with tokens the rollout's history names the token, whatever the body claims ("ui")
+    history = http.get(f"/v1/rollouts/{rollout_id}", headers=bearer(viewer)).json()["audit"]
+    assert [(a["action"], a["actor"]) for a in history if a["actor"] != "engine"] == [("start", "otto"),
+                                                                                    ("pause", "otto")]
     assert {e["actor"] for e in http.get("/v1/audit", params={"action": "token_create"},
                                           headers=bearer(admin)).json()} == {"cli:" + _user(), "root"}
 
