@@ -21,6 +21,7 @@ from edgeml._config import (
     TLSFiles,
     _merge,
     _read_yaml,
+    check_text,
     describe_error,
     parse_broker_url,
     parse_host_port,
@@ -245,6 +246,10 @@ def load_cloud_config(path: str | os.PathLike[str] | None = None, env: Mapping[s
             raise InvalidSetting(exc.key, exc.reason) from None
     overrides, origin = _env_overrides(env)
     data = _merge(data, overrides)
+    try:
+        check_text(data, origin)
+    except _AgentConfigError as exc:
+        raise InvalidSetting(exc.key, exc.reason) from None
     try:
         return CloudConfig.model_validate(data)
     except ValidationError as exc:

@@ -311,10 +311,30 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
         data = _read_yaml(Path(path))
     overrides, origin = _env_overrides(env)
     data = _merge(data, overrides)
+    check_text(data, origin)
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(*describe_error(exc, origin)) from None
+
+
+def check_text(data: Any, origin: Mapping[str, str], key: str = "") -> None:
+    """ConfigError naming the first key or value that is not Unicode text: a lone surrogate
+    (undecodable bytes in the environment, a ``\\ud800`` escape in YAML) breaks validation."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            where = f" (from {origin[key]})" if key in origin else ""
+            raise ConfigError(key or "<root>", f"not valid UTF-8 text{where}") from None
+    elif isinstance(data, dict):
+        for k, v in data.items():
+            name = f"{key}.{k}" if key else str(k)
+            check_text(k, origin, name)
+            check_text(v, origin, name)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            check_text(v, origin, f"{key}.{i}")
 
 
 def describe_error(exc: ValidationError, origin: Mapping[str, str]) -> tuple[str, str]:
