@@ -384,7 +384,7 @@ def _run(ui: _UI, root: Path, stack: list[Callable[[], None]], n_devices: int, d
 
     def retrain(tick: Callable[[str], None]) -> str:
         def finished() -> dict[str, Any] | None:
-            t = next((t for t in ct.triggers(MODEL) if t["kind"] == "drift"), None)
+            t = next((t for t in ct.triggers(MODEL) if t["kind"] == "drift" and t["parent"] == first), None)
             return t if t and t["status"] not in ("training",) else None
 
         trig = _wait(finished, 600, "the retraining run", tick, lambda: f"training on the fleet's labeled samples "
@@ -402,7 +402,7 @@ def _run(ui: _UI, root: Path, stack: list[Callable[[], None]], n_devices: int, d
     ui.stage("retrain on the drifted data", retrain)
 
     def canary(tick: Callable[[str], None]) -> str:
-        trig = next(t for t in ct.triggers(MODEL) if t["kind"] == "drift")
+        trig = next(t for t in ct.triggers(MODEL) if t["kind"] == "drift" and t["parent"] == first)
         rollout = (trig.get("outcome") or {}).get("canary") or {}
         if not rollout.get("started"):
             raise StageFailed(f"no canary started: {rollout.get('reason')}")
@@ -411,12 +411,21 @@ def _run(ui: _UI, root: Path, stack: list[Callable[[], None]], n_devices: int, d
         done = wait_rollout(rid, ("completed", "rolled_back", "paused", "aborted"), tick, timeout=300)
         if done["state"] != "completed":
             raise StageFailed(f"the retrained release ended {done['state']}: {done.get('reason')}")
-        _wait(lambda: versions() == {version: n_devices}, 60, f"every device on {ref}", tick,
-              lambda: f"versions {versions()}")
+        # the loop keeps running: if the drift job finds the live readings drifted from the new
+        # version's own reference too (it learned from a window that began before the drift),
+        # it retrains again and canaries the next version; the fleet ends on one of them
+        def settled() -> str | None:
+            v = versions()
+            only = next(iter(v)) if len(v) == 1 else None
+            return only if only is not None and only.isdigit() and int(only) >= int(version) else None
+
+        final = _wait(settled, 240, f"every device on {ref} or a newer retrained version", tick,
+                      lambda: f"versions {versions()}")
         promotions = sum(a["action"] == "promote" for a in done["audit"])
         time.sleep(2)
-        return (f"{ref} promoted {promotions} times to 100 % ({n_devices} devices); live accuracy on drifted "
-                f"readings: {first} {app.accuracy('1') or 0:.2f}, {ref} {app.accuracy(version) or 0:.2f}")
+        later = "" if final == version else f"; the drift job retrained again and the fleet moved on to {MODEL}@{final}"
+        return (f"{ref} promoted {promotions} times to 100 % ({n_devices} devices){later}; live accuracy on drifted "
+                f"readings: {first} {app.accuracy('1') or 0:.2f}, {MODEL}@{final} {app.accuracy(final) or 0:.2f}")
 
     ui.stage("canary the retrained model", canary)
 
