@@ -314,25 +314,30 @@ class RolloutService:
             log.warning("rollout %s: cannot deploy to %s/%s: %s", r.id, r.fleet, device, exc)
             return None
 
-    def _revert(self, r: repo.Rollout) -> None:
+    def _send_back(self, r: repo.Rollout) -> int:
+        """Every canary device not sent back yet gets its previous model again, with no shadow
+        (chunk by chunk, each chunk marked once its documents are out); how many."""
         with self.store.transaction() as tx:
             todo = tx.execute("SELECT device_id, previous_ref FROM rollout_devices WHERE rollout_id = ? "
                               "AND cohort = 'canary' AND reverted = 0 ORDER BY device_id", (r.id,)).fetchall()
         for start in range(0, len(todo), DEPLOY_CHUNK):
             chunk = todo[start:start + DEPLOY_CHUNK]
             for device, previous in chunk:
-                target = previous or r.baseline_ref
-                if target is not None:
+                if (target := previous or r.baseline_ref) is not None:
                     self._deploy(r, device, target, None)
             with self.store.transaction(write=True) as tx:
                 for device, _ in chunk:
                     tx.execute("UPDATE rollout_devices SET reverted = 1 WHERE rollout_id = ? AND device_id = ?",
                                (r.id, device))
+        return len(todo)
+
+    def _revert(self, r: repo.Rollout) -> None:
+        sent = self._send_back(r)
         with self.store.transaction(write=True) as tx:
             current = repo.get_rollout(tx, r.id, lock=True)
             if current.state is S.ROLLING_BACK:
                 self._move(tx, replace(current, state=S.ROLLED_BACK), ENGINE, "rolled_back",
-                           f"{len(todo)} device(s) sent back to their previous model", {"devices": len(todo)})
+                           f"{sent} device(s) sent back to their previous model", {"devices": sent})
 
     # ------------------------------------------------------------------ judging a step
     def _judge(self, r: repo.Rollout) -> int:
@@ -377,21 +382,10 @@ class RolloutService:
 
     def _remove_shadow(self, r: repo.Rollout) -> None:
         """A passed shadow rollout stops the shadow on its cohort (it has said what it had to say)."""
-        with self.store.transaction() as tx:
-            todo = tx.execute("SELECT device_id, previous_ref FROM rollout_devices WHERE rollout_id = ? "
-                              "AND cohort = 'canary' AND reverted = 0 ORDER BY device_id", (r.id,)).fetchall()
-        for start in range(0, len(todo), DEPLOY_CHUNK):
-            chunk = todo[start:start + DEPLOY_CHUNK]
-            for device, previous in chunk:
-                if (target := previous or r.baseline_ref) is not None:
-                    self._deploy(r, device, target, None)
-            with self.store.transaction(write=True) as tx:
-                for device, _ in chunk:
-                    tx.execute("UPDATE rollout_devices SET reverted = 1 WHERE rollout_id = ? AND device_id = ?",
-                               (r.id, device))
+        sent = self._send_back(r)
         with self.store.transaction(write=True) as tx:
-            repo.audit(tx, ENGINE, "shadow_removed", r.id, f"shadow {r.model_ref} stopped on {len(todo)} device(s)",
-                       {"devices": len(todo)})
+            repo.audit(tx, ENGINE, "shadow_removed", r.id, f"shadow {r.model_ref} stopped on {sent} device(s)",
+                       {"devices": sent})
 
     def _act(self, tx: Transaction, r: repo.Rollout, decision: str, results: list[Any],
              evidence: dict[str, Any]) -> int:
