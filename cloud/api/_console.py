@@ -38,13 +38,11 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from edgeml.protocol import check_id
-
-from .._exceptions import InvalidInput, NotFound
+from .._exceptions import NotFound
 from ..console import STATIC
 from ..registry.models import model_json
 from ..rollouts._stats import psi
-from ._routes import device_json
+from ._routes import _ids, device_json
 
 if TYPE_CHECKING:
     from ..registry.models import ModelRegistry
@@ -153,14 +151,6 @@ def _data_routes(router: APIRouter, store: Store, registry: ModelRegistry, rollo
               limit: Annotated[int, Query(ge=1, le=10_000)] = 200) -> list[dict[str, Any]]:
         """Audit log entries of every rollout, newest first."""
         return audit_log(store, rollout=rollout, actor=actor, limit=limit)
-
-
-def _ids(fleet: str, device: str) -> None:
-    try:
-        check_id(fleet, "fleet")
-        check_id(device, "device")
-    except ValueError as exc:
-        raise InvalidInput(str(exc)) from None
 
 
 def _loads(value: Any) -> Any:
