@@ -85,35 +85,6 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port_text)
 
 
-class MqttSettings(_Settings):
-    client_id: str | None = None
-    keepalive_s: int = Field(30, ge=5, le=3600)
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    reconnect_min_s: float = Field(0.5, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
-    max_inflight: int = Field(16, ge=1, le=1000)
-    batch_max_records: int = Field(500, ge=1)
-    batch_max_bytes: int = Field(256 * 1024, ge=1024)
-    bandwidth_limit_bps: int | None = Field(None, ge=1024)
-
-    @field_validator("ca_file", "cert_file", "key_file", mode="before")
-    @classmethod
-    def _empty_path(cls, v: Any) -> Any:
-        return None if v == "" else v
-
-    @field_validator("ca_file", "cert_file", "key_file")
-    @classmethod
-    def _tls_file(cls, v: Path | None) -> Path | None:
-        return check_tls_file(v)
-
-    @model_validator(mode="after")
-    def _tls_pair(self) -> MqttSettings:
-        check_tls_pair(self.cert_file, self.key_file)
-        return self
-
-
 class TLSFiles(_Settings):
     """TLS to the broker (``mqtts://``): the CA to trust (None: the system's), and a client
     certificate with its key for mutual TLS (both or neither)."""
@@ -157,6 +128,20 @@ def check_tls_pair(cert: Path | None, key: Path | None) -> None:
     """A client certificate and its key come together (mutual TLS), or neither."""
     if (cert is None) != (key is None):
         raise ValueError("cert_file and key_file go together: set both for mutual TLS, or neither")
+
+
+class MqttSettings(TLSFiles):
+    """The MQTT session; its TLS files (``ca_file``, ``cert_file``, ``key_file``) and their
+    checks come from :class:`TLSFiles`."""
+
+    client_id: str | None = None
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    max_inflight: int = Field(16, ge=1, le=1000)
+    batch_max_records: int = Field(500, ge=1)
+    batch_max_bytes: int = Field(256 * 1024, ge=1024)
+    bandwidth_limit_bps: int | None = Field(None, ge=1024)
 
 
 class TelemetrySettings(_Settings):
