@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._exceptions import ConfigError
@@ -340,6 +339,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError("--config", f"{path} is not UTF-8 text (byte {exc.start})") from exc
+    import yaml  # here: an application that builds AgentConfig in code never loads the YAML parser
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

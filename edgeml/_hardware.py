@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._exceptions import ConfigError
@@ -75,6 +74,8 @@ def load_profile(name: str, data_dir: Path | None = None) -> HardwareProfile:
 
 
 def _read(path: Path) -> HardwareProfile:
+    import yaml  # only when a profile is read
+
     try:
         data: Any = yaml.safe_load(path.read_text())
         return HardwareProfile.model_validate(data)

@@ -3,7 +3,7 @@
 Durability window
     ``append`` only puts the record on an in-memory queue (a few hundred ns). A
     flusher thread writes the queue to SQLite every ``flush_interval_ms`` (default
-    50 ms) in one transaction; with ``fsync`` on (default, ``synchronous=FULL``) the
+    50 ms), or as soon as ``FLUSH_AT`` records are queued, in one transaction; with ``fsync`` on (default, ``synchronous=FULL``) the
     commit is on disk when it returns. A record is therefore on disk at most
     ``flush_interval_ms`` plus one commit (well under 100 ms by default) after it was
     made. A kill -9 or power cut loses at most that window, never a committed record.
@@ -66,6 +66,11 @@ _TAG = operator.itemgetter(0)  # 1 for a prediction queued by append_prediction,
 SCHEMA_VERSION = 2
 #: Records kept in memory when the database cannot be written (disk full), before dropping.
 MEMORY_LIMIT = 200_000
+#: Queue length that wakes the flusher before its interval is up. A burst (an application
+#: predicting in a tight loop) then turns into transactions of about this many records
+#: instead of one transaction per interval holding tens of thousands: the same work, but the
+#: transient memory of a flush (and the heap it leaves behind) stays small.
+FLUSH_AT = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,11 +220,17 @@ class TelemetryBuffer:
     # ------------------------------------------------------------------ hot path
     def append_prediction(self, model: str, version: str, latency_us: float, output_name: str, output: Any) -> None:
         """Queue a prediction record; summary and batch size are computed by the flusher."""
-        self._queue.append((1, time.time(), model, version, latency_us, output_name, output))
+        queue = self._queue
+        queue.append((1, time.time(), model, version, latency_us, output_name, output))
+        if len(queue) == FLUSH_AT:
+            self._wake.set()
 
     def append(self, kind: str, fields: dict[str, Any], ts: float | None = None) -> None:
         """Queue a record of ``kind`` (sample, prediction, metrics, event) with ``fields``."""
-        self._queue.append((0, ts or time.time(), kind, fields))
+        queue = self._queue
+        queue.append((0, ts or time.time(), kind, fields))
+        if len(queue) == FLUSH_AT:
+            self._wake.set()
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """``callback()`` runs on the flusher thread after each commit of new records."""

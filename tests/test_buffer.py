@@ -55,6 +55,27 @@ def test_durability_window(tmp_path: Path) -> None:
         buf.close()
 
 
+def test_a_burst_wakes_the_flusher_before_its_interval(tmp_path: Path) -> None:
+    """FLUSH_AT queued records are committed without waiting for a (here: one minute) interval."""
+    from edgeml.buffer import FLUSH_AT
+
+    buf = TelemetryBuffer(tmp_path / "t.db", flush_interval_ms=60_000)
+    buf.start()
+    try:
+        time.sleep(0.05)  # the flusher is now waiting out its interval
+        for _ in range(FLUSH_AT - 1):
+            buf.append_prediction("m", "1", 5.0, "probs", OUT)
+        time.sleep(0.2)
+        assert buf.stats().records == 0  # below the mark: still queued
+        buf.append_prediction("m", "1", 5.0, "probs", OUT)
+        deadline = time.monotonic() + 10
+        while buf.stats().records < FLUSH_AT and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert buf.stats().records == FLUSH_AT
+    finally:
+        buf.close()
+
+
 def test_budget_drops_lowest_priority_oldest_first_and_counts(tmp_path: Path) -> None:
     path = tmp_path / "t.db"
     with TelemetryBuffer(path, max_bytes=64 * 1024) as buf:

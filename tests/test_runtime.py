@@ -65,6 +65,21 @@ def test_agent_matches_engine(kind: str, models: dict[str, Path], tmp_path: Path
         assert answer["model"] == agent.model.name and answer["latency_us"] > 0
 
 
+def test_onnx_engine_binding_and_public_api_agree(models: dict[str, Path]) -> None:
+    """The runtime calls ONNX Runtime's binding directly (prepare has checked the feeds);
+    when the binding refuses the feeds, the public API answers, with the same outputs."""
+    runtime = load_runtime(models["onnx_float"])
+    expected = _direct("onnx_float", models["onnx_float"], X)
+    assert runtime._engine_run is not None  # this build has the binding: the fast path is taken
+    np.testing.assert_array_equal(runtime.run(runtime.prepare({"input": X}))["probs"], expected)
+
+    def refuse(*args: object) -> None:
+        raise TypeError("not a feed this binding takes")
+
+    runtime._engine_run = refuse
+    np.testing.assert_array_equal(runtime.run({"input": X})["probs"], expected)
+
+
 def test_quantized_models_agree_with_float(models: dict[str, Path]) -> None:
     ref = modelgen.reference_forward(X, modelgen.mlp_weights())
     for kind in ("onnx_int8", "tflite_int8"):
