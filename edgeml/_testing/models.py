@@ -8,6 +8,9 @@ Everything here is deterministic given ``seed``:
 * :func:`build_tflite_mlp` - TFLite float or fully-int8 model written directly as a
   flatbuffer via ``ai_edge_litert.schema_py_generated``.
 * :func:`corrupt_copy` - truncated / garbled copies for bad-model tests.
+* :func:`embed_samples` - store health-check samples (``edgeml.samples``) in an ONNX file.
+* :func:`build_onnx_argmax` - an int64 label output whose real shape can differ from
+  the declared one.
 
 Heavy optional dependencies (onnx, onnxruntime, flatbuffers, ai_edge_litert) are
 imported lazily inside the builders so importing this module only needs numpy.
@@ -32,6 +35,8 @@ __all__ = [
     "build_onnx_mlp_int8",
     "build_tflite_mlp",
     "corrupt_copy",
+    "embed_samples",
+    "build_onnx_argmax",
 ]
 
 Weights = list[tuple[np.ndarray, np.ndarray]]
@@ -106,6 +111,7 @@ def _make_onnx_model(
     name: str,
     version: str,
     batch: int | None,
+    inner_batch: int | None = None,
 ) -> Any:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -119,9 +125,15 @@ def _make_onnx_model(
         numpy_helper.from_array(w2, "fc2.weight"),
         numpy_helper.from_array(b2, "fc2.bias"),
     ]
-    nodes = [
+    first = input_name
+    nodes = []
+    if inner_batch is not None:  # a fixed batch hidden inside the graph: other batches fail at run time
+        inits.append(numpy_helper.from_array(np.array([inner_batch, n_in], dtype=np.int64), "inner.shape"))
+        nodes.append(helper.make_node("Reshape", [input_name, "inner.shape"], ["inner"], name="inner"))
+        first = "inner"
+    nodes += [
         helper.make_node(
-            "Gemm", [input_name, "fc1.weight", "fc1.bias"], ["fc1"], name="fc1", transB=1
+            "Gemm", [first, "fc1.weight", "fc1.bias"], ["fc1"], name="fc1", transB=1
         ),
         helper.make_node("Relu", ["fc1"], ["relu1"], name="relu1"),
         helper.make_node(
@@ -170,12 +182,17 @@ def build_onnx_mlp(
     name: str = "mlp",
     version: str = "1.0.0",
     batch: int | None = None,
+    inner_batch: int | None = None,
 ) -> Path:
     """Write a float32 ONNX MLP (Gemm -> Relu -> Gemm -> Softmax) and return its path.
 
     Input is ``[batch or "N", n_in]`` float32 (dynamic dim named ``"N"`` when ``batch`` is
     None); output ``[.., n_out]`` float32 probabilities. Opset 17, IR version 8, with
     ``metadata_props`` ``edgeml.name`` / ``edgeml.version``.
+
+    ``inner_batch``: the graph first reshapes its input to ``[inner_batch, n_in]``. The
+    model loads, declares a dynamic batch and answers that batch size; any other batch
+    fails inside ONNX Runtime (a model that breaks in service, not in its health check).
     """
     import onnx
 
@@ -188,9 +205,72 @@ def build_onnx_mlp(
         name=name,
         version=version,
         batch=batch,
+        inner_batch=inner_batch,
     )
     onnx.save_model(model, str(path))
     return path
+
+
+def build_onnx_argmax(
+    path: str | os.PathLike[str],
+    n_in: int = 4,
+    *,
+    declared: tuple[int | str, ...] = ("N", 1),
+    name: str = "argmax",
+    version: str = "1.0.0",
+) -> Path:
+    """Write an ONNX model whose int64 output ``"label"`` is the argmax of its float input
+    ``"input"`` ``[N, n_in]``. It really answers ``[N, 1]``; the graph declares ``declared``
+    (through a data-dependent Reshape, so ONNX Runtime keeps the declaration and does not
+    check it at run time): a lying int output for the health check's shape test."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nodes = [
+        helper.make_node("ArgMax", ["input"], ["argmax"], axis=1, keepdims=1),
+        helper.make_node("Shape", ["argmax"], ["argmax.shape"]),
+        helper.make_node("Reshape", ["argmax", "argmax.shape"], ["label"]),
+    ]
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", n_in])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, list(declared))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _ONNX_OPSET)],
+                              producer_name="edgeml._testing")
+    model.ir_version = _ONNX_IR_VERSION
+    _set_onnx_metadata(model, {"edgeml.name": name, "edgeml.version": version})
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def embed_samples(
+    path: str | os.PathLike[str],
+    inputs: list[dict[str, Any]],
+    expected: list[dict[str, Any]] | None = None,
+    *,
+    atol: float | None = None,
+    dst: str | os.PathLike[str] | None = None,
+    raw: str | None = None,
+) -> Path:
+    """Store health-check samples in an ONNX model's metadata (``edgeml.samples``, see
+    :func:`edgeml.updates._health.encode_samples`); writes ``dst`` (default: in place).
+    ``raw`` stores that exact string instead (a malformed value, for tests)."""
+    import onnx
+
+    from edgeml.updates._health import SAMPLES_KEY, encode_samples
+
+    src = Path(path)
+    out = Path(dst) if dst is not None else src
+    model = onnx.load_model(str(src))
+    value = raw if raw is not None else encode_samples(inputs, expected, atol=atol)
+    _set_onnx_metadata(model, {SAMPLES_KEY: value})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(out))
+    return out
 
 
 class _DropOrtPreprocessHint(logging.Filter):

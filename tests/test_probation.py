@@ -1,0 +1,124 @@
+"""Probation in service: a candidate that passed its health check but fails once it serves
+is rolled back by the agent itself, with the reason reported (latency is covered in
+tests/test_updates.py; here: the error rate, and a crash loop of the agent process)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from edgeml._exceptions import ModelError
+from edgeml._testing import models as modelgen
+
+from .conftest import Broker, Collector, wait_until
+from .test_updates import Fleet, X, agent_settings, finished, make_agent, reported
+
+BATCH_8 = np.random.default_rng(5).standard_normal((8, 4)).astype(np.float32)
+
+
+@pytest.fixture
+def fleet(broker: Broker, tmp_path: Path):
+    f = Fleet(tmp_path / "cloud", broker)
+    yield f
+    f.close()
+
+
+def update_record(data: Path) -> dict[str, Any]:
+    """The update record the agent persisted (read beside the running agent: WAL)."""
+    conn = sqlite3.connect(data / "updates.db")
+    try:
+        row = conn.execute("SELECT doc FROM current").fetchone()
+    finally:
+        conn.close()
+    return json.loads(row[0]) if row else {"state": "idle"}
+
+
+def test_errors_in_service_roll_back_with_reason_error_rate(
+    broker: Broker, collector: Collector, fleet: Fleet, models: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet.register(models["onnx_float"], "1.0.0")
+    # batch 1 works (warm-up, health check), any other batch fails inside ONNX Runtime
+    v2 = fleet.register(modelgen.build_onnx_mlp(tmp_path / "batch1.onnx", seed=7, version="2.0.0", inner_batch=1),
+                        "2.0.0")
+    agent = make_agent(tmp_path, broker, fleet, models["onnx_float"], EDGEML_UPDATES__PROBATION_S=60,
+                       EDGEML_UPDATES__PROBATION_MIN_PREDICTIONS=10, EDGEML_UPDATES__MAX_ERROR_RATE=0.2)
+    with agent:
+        assert agent.predict({"input": BATCH_8}).outputs["probs"].shape == (8, 3)  # the active model takes it
+        doc = fleet.deploy("mlp@2.0.0")
+        wait_until(lambda: agent.status()["update"]["state"] == "probation", 30, what="probation")
+        assert agent.model is not None and agent.model.info.sha256 == v2["sha256"]
+        assert agent.predict({"input": X}).version == "2.0.0"  # it passed its health check and serves batch 1
+        failed = 0
+        for _ in range(20):  # well before the 60 s probation ends
+            try:
+                agent.predict({"input": BATCH_8})
+            except ModelError:
+                failed += 1
+        assert failed == 20
+        status = wait_until(lambda: finished(agent, doc["revision"]), 30, what="rollback")
+        assert (status["update"]["result"], status["update"]["reason"]) == ("rolled_back", "error_rate")
+        assert agent.model.version == "1.0.0"
+        assert agent.predict({"input": BATCH_8}).version == "1.0.0"
+        assert status["applied_revision"] == doc["revision"]  # acted on: not retried
+        wait_until(lambda: reported(collector).update.result == "rolled_back", 10, what="reported rollback")
+    state = reported(collector)
+    assert state.update.reason == "error_rate"
+    assert state.active is not None and state.active.version == "1.0.0"
+    records = collector.records()
+    failures = [r["data"] for r in records if r.get("name") == "update_failed"]
+    assert [f["reason"] for f in failures] == ["error_rate"] and failures[0]["revision"] == doc["revision"]
+    assert any(r.get("name") == "update_rolled_back" for r in records)
+
+
+def test_a_crash_loop_during_probation_rolls_back_on_restart(
+    broker: Broker, collector: Collector, fleet: Fleet, models: dict[str, Path], tmp_path: Path, agent_process,
+) -> None:
+    fleet.register(models["onnx_float"], "1.0.0")
+    v2 = fleet.register(models["onnx_v2"], "2.0.0")
+    # a probation far longer than the test: only the crashes can end it
+    env = agent_settings(tmp_path, broker, fleet, models["onnx_float"], EDGEML_UPDATES__PROBATION_S=600,
+                         EDGEML_UPDATES__CRASH_LOOP_LIMIT=2, EDGEML_TELEMETRY__METRICS_INTERVAL_S=3600)
+    data = Path(env["EDGEML_DATA_DIR"])
+    agent = agent_process(**env).start()
+    doc = fleet.deploy("mlp@2.0.0")
+
+    def on_probation(crashes: int) -> bool:
+        record = update_record(data)
+        return (record["state"] == "probation" and record["crashes"] == crashes
+                and bool(record["extra"].get("entered")))
+
+    wait_until(lambda: on_probation(0), 30, what="probation")
+    assert agent.status()["model"]["sha256"] == v2["sha256"]
+    agent.kill()  # SIGKILL: the agent dies while the new model is on probation
+    agent.start()
+    wait_until(lambda: on_probation(1), 30, what="probation after the first crash")
+    assert agent.status()["update"]["state"] == "probation"
+    agent.kill()
+    agent.start()  # the second crash reaches the limit: roll back, do not try again
+    status = wait_until(lambda: finished_process(agent, doc["revision"]), 30, what="rollback")
+    assert (status["update"]["result"], status["update"]["reason"]) == ("rolled_back", "crash_loop")
+    assert status["model"]["version"] == "1.0.0"
+    answer = httpx.post(f"http://{agent.api_addr}/v1/predict", json={"inputs": {"input": X.tolist()}}, timeout=5)
+    assert answer.status_code == 200 and answer.json()["version"] == "1.0.0"
+    record = update_record(data)
+    assert (record["state"], record["result"], record["reason"], record["crashes"]) == (
+        "idle", "rolled_back", "crash_loop", 2)
+    wait_until(lambda: reported(collector).update.reason == "crash_loop", 10, what="reported rollback")
+    assert agent.stop() == 0
+    state = reported(collector)
+    assert state.update.result == "rolled_back" and state.active is not None and state.active.version == "1.0.0"
+    names = [(r.get("name"), r.get("data", {})) for r in collector.records()]
+    assert {d["crashes"] for n, d in names if n == "probation_crash"} == {1, 2}  # QoS 1: duplicates possible
+    assert any(n == "update_failed" and d["reason"] == "crash_loop" for n, d in names)
+
+
+def finished_process(agent: Any, revision: int) -> dict[str, Any] | None:
+    status = agent.status()
+    update = status["update"]
+    return status if update["revision"] == revision and update["state"] == "idle" and update["result"] else None
