@@ -113,6 +113,17 @@ class TrainingSettings(_Settings):
 # <<< TRAINING SETTINGS
 
 
+class DesiredSettings(_Settings):
+    #: Lifetime of every desired document (s); the leader re-issues each one when a third
+    #: of it is left. None: documents do not expire.
+    ttl_s: int | None = Field(None, ge=2, description="Desired-state lifetime (s); empty: no expiry.")
+
+    @field_validator("ttl_s", mode="before")
+    @classmethod
+    def _ttl_empty(cls, v: Any) -> Any:
+        return None if v in ("", None) else v
+
+
 class CloudConfig(_Settings):
     """Settings of one coordinator. Build with :func:`load_cloud_config` or directly."""
 
@@ -133,6 +144,7 @@ class CloudConfig(_Settings):
     metrics: MetricsSettings = MetricsSettings()
     training: TrainingSettings = TrainingSettings()
     auth: AuthSettings = AuthSettings()
+    desired: DesiredSettings = DesiredSettings()
 
     @field_validator("broker_url")
     @classmethod

@@ -50,6 +50,7 @@ class Coordinator:
         self.registry: Any = None
         self.ingestor: Any = None
         self.desired: Any = None  # DESIRED-STATE HOOK: the DesiredStates service (election + writer)
+        self.expiry: Any = None  # DESIRED-STATE HOOK: the ExpiryRefresher (desired.ttl_s set)
         self.rollouts: Any = None  # ROLLOUTS HOOK: the RolloutService (ticks on its own thread)
         self.training: Any = None  # TRAINING HOOK: ContinuousTraining (its scheduler, its TrainingService)
         self.app: Any = None
@@ -108,9 +109,12 @@ class Coordinator:
         """Build and start the desired-state service (election, publisher, writer); its routes.
 
         Without a signing key nothing runs and the routes answer 503 (desired states must
-        be signed). Stopped in ``_shutdown``, after the HTTP server and before ingestion."""
+        be signed). With ``desired.ttl_s`` every document expires, and an
+        :class:`~cloud.desired.ExpiryRefresher` re-issues them while this replica leads.
+        Stopped in ``_shutdown``, after the HTTP server and before ingestion."""
         from ._desired_states import DesiredStates
         from .api._desired import desired_router
+        from .desired import ExpiryRefresher
 
         cfg = self.config
         self.desired = DesiredStates(
@@ -118,7 +122,12 @@ class Coordinator:
             public_base=self._public_base, preregistered_only=cfg.ingest.policy == "preregistered",
             broker_tls=cfg.broker_tls,
         )
+        ttl = cfg.desired.ttl_s
+        if ttl is not None and self.desired.writer is not None:
+            self.desired.writer.ttl_s = ttl  # every document written from now on expires
         self.desired.start()
+        if ttl is not None and self.desired.writer is not None:
+            self.expiry = ExpiryRefresher(self.desired.writer).start()
         return [desired_router(self.desired)]
 
     def _public_base(self) -> str:
@@ -227,6 +236,8 @@ class Coordinator:
             self.training.stop(timeout)  # TRAINING HOOK: no check, no run after this
         if self.rollouts is not None:
             self.rollouts.stop(timeout)  # ROLLOUTS HOOK: no tick after desired states stop
+        if self.expiry is not None:
+            self.expiry.stop(timeout)  # DESIRED-STATE HOOK: no re-issue after desired states stop
         if self.desired is not None:
             self.desired.stop(timeout)  # DESIRED-STATE HOOK: stopped before ingestion
         if self.ingestor is not None:

@@ -18,6 +18,12 @@ Only the leader writes (:class:`NotLeader` otherwise). :meth:`DesiredStateWriter
    last therefore publishes the newest document, and the broker's retained copy never
    ends older than the store.
 
+Expiry (freeze-attack protection): with ``ttl_s`` every document carries
+``expires_at = issued_at + ttl_s`` and the agent refuses one that has expired, so a broker
+that keeps serving an old document cannot hold a device on it forever. The leader then
+runs an :class:`ExpiryRefresher`, which re-issues documents (same models, next revision)
+before they expire.
+
 If the publish fails the document is stored but not on the broker (:class:`PublishError`):
 retry, or call :meth:`DesiredStateWriter.republish_all`, which a new leader calls anyway.
 
@@ -52,7 +58,7 @@ from .store import Store, Transaction
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DesiredStateWriter", "MqttPublisher", "NotLeader", "PublishError", "StoredDesired"]
+__all__ = ["DesiredStateWriter", "ExpiryRefresher", "MqttPublisher", "NotLeader", "PublishError", "StoredDesired"]
 
 #: The agent rejects larger documents.
 MAX_DOCUMENT_BYTES = 256 * 1024
@@ -116,6 +122,17 @@ class DesiredStateWriter:
         shadow: ModelRef | Mapping[str, Any] | None = None, expires_in: int | None = None,
     ) -> dict[str, Any]:
         """Issue the next revision of ``device``'s desired state; return the signed document."""
+        signed = self._issue(fleet, device, model, shadow, expires_in, over_revision=None)
+        assert signed is not None  # only a conditional re-issue skips
+        return signed
+
+    def _issue(
+        self, fleet: str, device: str, model: ModelRef | Mapping[str, Any] | None,
+        shadow: ModelRef | Mapping[str, Any] | None, expires_in: int | None, *, over_revision: int | None,
+    ) -> dict[str, Any] | None:
+        """Store, sign and publish the next revision. With ``over_revision``, only if the
+        stored revision is still that one (None otherwise): a re-issue never overwrites a
+        document written since it was read."""
         topics = Topics(fleet, device)  # ValueError on a bad id
         body = {"model": _model_dict(model, "model"), "shadow": _model_dict(shadow, "shadow")}
         lifetime = self.ttl_s if expires_in is None else expires_in
@@ -125,6 +142,10 @@ class DesiredStateWriter:
         with self.store.transaction(write=True) as tx:
             previous = self._lock_row(tx, fleet, device)
             self._require_leader()  # the row lock may have waited on a newer leader
+            if over_revision is not None and previous != over_revision:
+                log.info("%s: revision %d was stored meanwhile; not re-issuing %d", topics.desired, previous,
+                         over_revision)
+                return None
             now = int(time.time())
             doc: dict[str, Any] = {"v": 1, "fleet": fleet, "device": device, "revision": previous + 1, "issued_at": now, **body}
             if lifetime is not None:
@@ -149,16 +170,28 @@ class DesiredStateWriter:
             count += 1
         return count
 
-    def refresh_expiring(self, within_s: int) -> list[dict[str, Any]]:
-        """Re-issue (same models, next revision, full lifetime) documents expiring within ``within_s``."""
+    def refresh_expiring(self, within_s: float, *, unexpiring: bool = False) -> list[dict[str, Any]]:
+        """Re-issue (same models, next revision, full lifetime) documents expiring within ``within_s``.
+
+        The lifetime is ``ttl_s``, else the document's own. ``unexpiring`` (needs ``ttl_s``):
+        documents without an expiry get one too. A document replaced since it was read is
+        left alone (its replacement is newer and carries its own expiry).
+        """
         self._require_leader()
         deadline = time.time() + within_s
         renewed = []
         for row in self.documents():
             doc = row.document
-            if doc.get("expires_at") is not None and doc["expires_at"] <= deadline:
-                lifetime = self.ttl_s or int(doc["expires_at"] - doc["issued_at"])
-                renewed.append(self.set(row.fleet, row.device, doc.get("model"), doc.get("shadow"), lifetime))
+            expires_at = doc.get("expires_at")
+            if expires_at is None and not (unexpiring and self.ttl_s):
+                continue
+            if expires_at is not None and expires_at > deadline:
+                continue
+            lifetime = self.ttl_s or int(expires_at - doc["issued_at"])
+            signed = self._issue(row.fleet, row.device, doc.get("model"), doc.get("shadow"), lifetime,
+                                 over_revision=row.revision)
+            if signed is not None:
+                renewed.append(signed)
         return renewed
 
     # ------------------------------------------------------------------ reads
@@ -224,6 +257,72 @@ class DesiredStateWriter:
                 return
             log.info("%s: revision %d was stored meanwhile; publishing it", topic, latest.revision)
             revision, payload = latest.revision, latest.payload
+
+
+class ExpiryRefresher:
+    """The leader's expiry job: documents are re-issued before they expire.
+
+    On its own thread (``edgeml-desired-expiry``), once at start and then every
+    ``interval_s`` (default ``min(ttl_s / 6, 60)``), while ``writer.is_leader()``:
+    :meth:`DesiredStateWriter.refresh_expiring` with ``margin_s`` (default ``ttl_s / 3``)
+    and ``unexpiring=True``, so every document carries an expiry and is replaced (same
+    models, next revision, full lifetime) with at least ``margin_s - interval_s`` left.
+    A new leader's first pass also re-issues whatever expired while nobody led.
+    Failures (broker, store, leadership lost) are logged and retried on the next pass;
+    after a failed publish the next pass first republishes every stored document, so
+    the broker's retained copies catch up with the store.
+    """
+
+    def __init__(self, writer: DesiredStateWriter, *, margin_s: float | None = None,
+                 interval_s: float | None = None) -> None:
+        if writer.ttl_s is None:
+            raise ConfigError("expiry refresh needs a writer with ttl_s")
+        self.writer = writer
+        self.margin_s = writer.ttl_s / 3 if margin_s is None else margin_s
+        self.interval_s = min(writer.ttl_s / 6, 60.0) if interval_s is None else interval_s
+        if not 0 < self.interval_s < self.margin_s < writer.ttl_s:
+            raise ConfigError(f"need 0 < interval_s ({self.interval_s}) < margin_s ({self.margin_s}) "
+                              f"< ttl_s ({writer.ttl_s})")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._republish = False  # expiry thread only
+
+    def start(self) -> ExpiryRefresher:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="edgeml-desired-expiry", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("desired-state expiry refresh did not stop within %.1fs", timeout)
+            self._thread = None
+
+    # ------------------------------------------------------------------ expiry thread
+    def _loop(self) -> None:
+        while True:
+            if self.writer.is_leader():
+                self._pass()
+            if self._stop.wait(self.interval_s):
+                return
+
+    def _pass(self) -> None:
+        try:
+            if self._republish:
+                self.writer.republish_all()
+                self._republish = False
+            renewed = self.writer.refresh_expiring(self.margin_s, unexpiring=True)
+        except NotLeader:
+            return  # the next leader refreshes
+        except CloudError as exc:  # PublishError, StoreError: transient
+            self._republish = self._republish or isinstance(exc, PublishError)
+            log.warning("re-issuing expiring desired states failed (retrying in %.1fs): %s", self.interval_s, exc)
+            return
+        if renewed:
+            log.info("re-issued %d expiring desired state(s)", len(renewed))
 
 
 def _stored(row: Any) -> StoredDesired:
