@@ -80,8 +80,14 @@ def atomic_write(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    durable_replace(tmp, path)
+
+
+def durable_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` (already fsynced) to ``dst`` and fsync the directory, so the rename
+    itself survives a power cut."""
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -179,8 +185,7 @@ class ModelStore:
                 shutil.copyfile(source, tmp)
                 with tmp.open("rb") as fh:
                     os.fsync(fh.fileno())
-                os.replace(tmp, stored)
-                _fsync_dir(self.root)
+                durable_replace(tmp, stored)
         return ModelInfo(**{**loaded.info.to_json(), "file": stored.name})
 
     def seed(self) -> str | None:

@@ -179,11 +179,33 @@ class Agent:
         except ModelLoadError as exc:
             log.error("%s", exc)
             self.event("model_load_failed", level="error", message=str(exc))
-            model = None
+            model = self._fall_back(exc)
         if model is not None:
             self._activate(model)
         else:
             log.warning("no model loaded: /v1/predict answers 503 until one is")
+
+    def _fall_back(self, cause: ModelLoadError) -> LoadedModel | None:
+        """The active model does not load or verify: serve the previous one (the rollback
+        target) if it does, and make it the active one in the store (one atomic write)."""
+        assert self._store is not None
+        failed, previous = self._store.active_info(), self._store.previous_info()
+        if previous is None:
+            return None
+        try:
+            model = self._store.load_info(previous)
+        except ModelLoadError as exc:
+            log.error("the previous model does not load either: %s", exc)
+            self.event("model_load_failed", level="error", message=str(exc), data={"slot": "previous"})
+            return None
+        self._store.rollback()
+        message = (f"active model {failed.name if failed else '?'} {failed.version if failed else '?'} failed to load "
+                   f"({cause}); serving the previous model {previous.name} {previous.version}")
+        log.error("%s", message)
+        self.event("model_fallback", level="error", message=message,
+                   data={"reason": str(cause), "failed": failed.to_json() if failed else None,
+                         "restored": previous.to_json()})
+        return model
 
     def _activate(self, model: LoadedModel) -> None:
         # one reference assignment: a request in flight finishes on the model it started

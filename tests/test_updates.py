@@ -416,3 +416,76 @@ def test_download_resumes_with_range_and_restarts_a_torn_partial(
         assert hashlib.sha256(torn.read_bytes()).hexdigest() == meta["sha256"]
     finally:
         httpx.stream = original  # type: ignore[assignment]
+
+
+def _offline_agent(tmp_path: Path, broker: Broker, model: Path) -> Agent:
+    """An agent that needs no coordinator (models installed locally), its telemetry to ``broker``."""
+    return Agent(load_config(env=agent_env(
+        EDGEML_DATA_DIR=tmp_path / "agent", EDGEML_API_ADDR=f"127.0.0.1:{free_port()}", EDGEML_BROKER_URL=broker.url,
+        EDGEML_MODEL_PATH=model, EDGEML_DEVICE_ID="dev-1", EDGEML_FLEET="plant",
+        EDGEML_UPDATES__REQUIRE_SIGNATURE="false", EDGEML_TELEMETRY__METRICS_INTERVAL_S=3600)))
+
+
+def _altered(path: Path) -> None:
+    """Change the file so that it still loads but no longer has its recorded sha256."""
+    model = onnx.load(path)
+    model.producer_name = "someone else"
+    onnx.save(model, path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "altered", "both_slots"])
+def test_an_active_model_that_fails_at_start_falls_back_to_the_previous_one(
+    damage: str, broker: Broker, collector: Collector, models: dict[str, Path], tmp_path: Path
+) -> None:
+    with _offline_agent(tmp_path, broker, models["onnx_float"]) as agent:
+        v1 = agent.model.info  # type: ignore[union-attr]
+        v2 = agent.load_model(models["onnx_v2"]).info  # active 2.0.0, previous 1.0.0
+    store = tmp_path / "agent" / "models"
+    if damage == "altered":
+        _altered(store / v2.file)
+    else:
+        modelgen.corrupt_copy(store / v2.file, store / v2.file)  # half the file: does not load
+    if damage == "both_slots":
+        _altered(store / v1.file)
+    with _offline_agent(tmp_path, broker, models["onnx_float"]) as agent:
+        pointer = json.loads((store / "active.json").read_text())
+        if damage == "both_slots":  # nothing verified to serve: no model, and the slots stay as they were
+            assert agent.model is None and agent.health()["status"] == "no_model"
+            assert (pointer["active"]["sha256"], pointer["previous"]["sha256"]) == (v2.sha256, v1.sha256)
+            wait_until(lambda: sum(r.get("name") == "model_load_failed" for r in collector.records()) >= 2, 10,
+                       what="both load failures reported")
+            return
+        assert agent.model is not None and agent.model.info.sha256 == v1.sha256
+        assert agent.predict({"input": X}).version == "1.0.0"
+        assert pointer["active"]["sha256"] == v1.sha256 and pointer["previous"] is None  # it boots into 1.0.0 now
+        wait_until(lambda: [r for r in collector.records() if r.get("name") == "model_fallback"], 10,
+                   what="the fallback event")
+        wait_until(lambda: collector.payloads("state") and reported(collector).active is not None
+                   and reported(collector).active.sha256 == v1.sha256, 10, what="reported state")
+    event = next(r for r in collector.records() if r.get("name") == "model_fallback")
+    assert event["level"] == "error"
+    assert event["data"]["failed"]["sha256"] == v2.sha256 and event["data"]["restored"]["sha256"] == v1.sha256
+    assert ("does not match its recorded sha256" in event["data"]["reason"]) is (damage == "altered")
+    # the next start serves 1.0.0 from the store directly: nothing to fall back from
+    with _offline_agent(tmp_path, broker, models["onnx_float"]) as agent:
+        assert agent.model is not None and agent.model.info.sha256 == v1.sha256
+
+
+def test_a_candidate_on_probation_that_fails_at_start_is_rolled_back(
+    broker: Broker, collector: Collector, fleet: Fleet, models: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet.register(models["onnx_float"], "1.0.0")
+    v2 = fleet.register(models["onnx_v2"], "2.0.0")
+    agent = make_agent(tmp_path, broker, fleet, models["onnx_float"], EDGEML_UPDATES__PROBATION_S=600)
+    with agent:
+        doc = fleet.deploy("mlp@2.0.0")
+        wait_until(lambda: agent.status()["update"]["state"] == "probation", 30, what="probation")
+    store = tmp_path / "agent" / "models"
+    modelgen.corrupt_copy(store / f"{v2['sha256']}.onnx", store / f"{v2['sha256']}.onnx")
+    with make_agent(tmp_path, broker, fleet, models["onnx_float"], EDGEML_UPDATES__PROBATION_S=600) as agent:
+        assert agent.model is not None and agent.model.version == "1.0.0"  # the fallback, at once
+        status = wait_until(lambda: finished(agent, doc["revision"]), 30, what="the update to end")
+        assert (status["update"]["result"], status["update"]["reason"]) == ("rolled_back", "candidate_lost")
+        assert agent.model.version == "1.0.0" and status["applied_revision"] == doc["revision"]
+        wait_until(lambda: reported(collector).update.reason == "candidate_lost", 10, what="reported state")
+    assert reported(collector).active.version == "1.0.0"  # type: ignore[union-attr]

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from .._config import AgentConfig
 from .._exceptions import ModelLoadError, SignatureError
 from .._json import dumps, loads
-from .._models import LoadedModel, ModelInfo, ModelStore
+from .._models import LoadedModel, ModelInfo, ModelStore, durable_replace
 from ..protocol import DesiredState
 from ._download import UpdateRejected, _hash, check_disk, download, fetch_small
 from ._health import check_contract, health_check
@@ -379,7 +379,7 @@ class UpdateManager:
             head = fh.read(8)
         final = self.store.root / f"{digest}{'.tflite' if head[4:8] == b'TFL3' else '.onnx'}"
         if part != final:
-            os.replace(part, final)  # verified: it enters the content-addressed store
+            durable_replace(part, final)  # verified: it enters the content-addressed store (the rename too)
         self.record = replace(self.record, candidate={"file": final.name, "sha256": digest})
         return Event.VERIFIED
 
@@ -407,6 +407,10 @@ class UpdateManager:
     def _do_probation(self) -> Event | None:
         s = self.settings
         record = self.record
+        active = self.store.active_info()
+        if active is None or active.sha256 != (record.candidate or {}).get("sha256"):
+            # the agent started on another model (the candidate's file failed to load or verify)
+            raise UpdateRejected("candidate_lost", "the model on probation is no longer the active one")
         if record.extra.get("entered") and not record.extra.get("clean_stop"):
             crashes = record.crashes + 1  # the agent died while this model was on probation
             record = self.record = self.log.save(replace(record, crashes=crashes))
@@ -517,7 +521,7 @@ class UpdateManager:
             with part.open("rb") as fh:
                 head = fh.read(8)
             final = self.store.root / f"{digest}{'.tflite' if head[4:8] == b'TFL3' else '.onnx'}"
-            os.replace(part, final)
+            durable_replace(part, final)
             stored = [final]
         return self.store.load(stored[0], name=ref.get("name"), version=ref.get("version"))
 
