@@ -489,3 +489,66 @@ def test_a_candidate_on_probation_that_fails_at_start_is_rolled_back(
         assert agent.model.version == "1.0.0" and status["applied_revision"] == doc["revision"]
         wait_until(lambda: reported(collector).update.reason == "candidate_lost", 10, what="reported state")
     assert reported(collector).active.version == "1.0.0"  # type: ignore[union-attr]
+
+
+class _Mirror:
+    """An artifact server with fixed bytes per path; any other path (a ``.sig``) is 404."""
+
+    def __init__(self, routes: dict[str, bytes]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[str] = []
+        mirror = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                mirror.requests.append(self.path)
+                body = routes.get(self.path)
+                self.send_response(404 if body is None else 200)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_artifact_without_its_signature_is_rejected(
+    broker: Broker, collector: Collector, fleet: Fleet, models: dict[str, Path], tmp_path: Path
+) -> None:
+    import hashlib
+
+    fleet.register(models["onnx_float"], "1.0.0")
+    data = models["onnx_v2"].read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    mirror = _Mirror({"/mlp-2.onnx": data})  # the artifact, and no mlp-2.onnx.sig
+    doc = fleet.signed({"v": 1, "fleet": "plant", "device": "dev-1", "revision": 40, "issued_at": int(time.time()),
+                        "model": {"name": "mlp", "version": "2.0.0", "url": f"{mirror.base}/mlp-2.onnx",
+                                  "sha256": sha, "size": len(data)}, "shadow": None})
+    try:
+        with make_agent(tmp_path, broker, fleet, models["onnx_float"]) as agent:
+            active = agent.model.info.sha256  # type: ignore[union-attr]
+            fleet.publish_raw(doc)
+            status = wait_until(lambda: finished(agent, 40), 30, what="the update to end")
+            assert (status["update"]["result"], status["update"]["reason"]) == ("rejected", "missing_signature")
+            assert status["applied_revision"] == 40  # a verdict, not retried
+            assert agent.model is not None and agent.model.info.sha256 == active
+            assert agent.predict({"input": X}).version == "1.0.0"
+            wait_until(lambda: reported(collector).update.reason == "missing_signature", 10, what="reported state")
+    finally:
+        mirror.close()
+    assert mirror.requests == ["/mlp-2.onnx", "/mlp-2.onnx.sig"]  # it downloaded, then asked for the signature
+    store = tmp_path / "agent" / "models"
+    assert not list(store.glob(f"{sha}.*")) and not list(store.glob("*.part"))  # nothing unsigned stays
+    assert json.loads((store / "active.json").read_text())["active"]["sha256"] == active
+    failed = [r["data"] for r in collector.records() if r.get("name") == "update_failed"]
+    assert {f["reason"] for f in failed} == {"missing_signature"}
