@@ -1,9 +1,9 @@
 """Shadow mode: a candidate model runs beside the active one on the same inputs.
 
-Its outputs never reach callers. The cost is bounded: only every n-th prediction is
-copied to the shadow (``sample_rate``), the hand-over queue is bounded (a full queue
-skips, never blocks the caller), and the worker sleeps so that the shadow uses at most
-``cpu_share`` of one core. Statistics are reported as ``shadow`` telemetry records.
+Its outputs never reach callers. The cost is bounded: only a ``sample_rate`` share of the
+predictions is copied to the shadow (evenly spaced: 0.1 is every tenth, 0.4 two in five),
+the hand-over queue is bounded (a full queue skips, never blocks the caller), and the
+worker sleeps so that the shadow uses at most ``cpu_share`` of one core. Statistics are reported as ``shadow`` telemetry records.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ class ShadowStats:
 class ShadowRunner:
     def __init__(self, model: LoadedModel, *, sample_rate: float, cpu_share: float, queue_size: int = 256) -> None:
         self.model = model
-        self.every = max(1, round(1 / sample_rate)) if sample_rate > 0 else 0
+        self.sample_rate = min(max(sample_rate, 0.0), 1.0)
+        self._credit = 0.0  # grows by sample_rate per prediction; each whole unit is one sample
         self.cpu_share = cpu_share
         self._queue: collections.deque[tuple[dict[str, np.ndarray], LoadedModel, dict[str, Any], float]] = (
             collections.deque(maxlen=queue_size)
@@ -75,8 +76,10 @@ class ShadowRunner:
     # predict path: a counter and, for sampled requests, one append
     def offer(self, feeds: dict[str, np.ndarray], primary: LoadedModel, outputs: dict[str, Any], latency_us: float) -> None:
         self._count += 1
-        if not self.every or self._count % self.every:
+        self._credit += self.sample_rate
+        if self._credit < 1.0 - 1e-9:  # (the tolerance: ten additions of 0.1 make one sample)
             return
+        self._credit -= 1.0
         if len(self._queue) == self._queue.maxlen:
             self._stats.skipped += 1
             return
