@@ -68,12 +68,17 @@ def main() -> None:
 def _measure(agent: Agent, http: httpx.Client) -> dict:
     x = {"input": np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)}
     samples: list[tuple[float, float, str]] = []  # (start, latency s, version)
+    failures: list[tuple[float, str]] = []  # (start, error): the loop goes on, like an application
     stop = threading.Event()
 
     def app() -> None:
         while not stop.is_set():
             t0 = time.perf_counter()
-            out = agent.predict(x)
+            try:
+                out = agent.predict(x)
+            except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
+                failures.append((t0, f"{type(exc).__name__}: {exc}"))
+                continue
             samples.append((t0, time.perf_counter() - t0, out.version))
 
     thread = threading.Thread(target=app)
@@ -101,7 +106,10 @@ def _measure(agent: Agent, http: httpx.Client) -> dict:
         "baseline_p99_ms": round(float(np.percentile(base, 99)) * 1e3, 3),
         "max_latency_during_swap_ms": round(max(during) * 1e3, 3),
         "stall_ratio_max_during_swap_vs_p99": round(max(during) / float(np.percentile(base, 99)), 2),
-        "failed_predictions": 0,  # predict() raised nothing: the loop would have stopped
+        "predictions": len(samples) + len(failures),
+        "failed_predictions": len(failures),
+        "failed_predictions_during_swap": sum(1 for t0, _ in failures if t_put <= t0 <= t_serving + 0.5),
+        "failure_messages": sorted({error for _, error in failures})[:3],
     }
 
 
