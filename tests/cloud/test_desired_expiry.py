@@ -23,7 +23,7 @@ from edgeml.protocol.signing import generate_keypair, verify_document
 from ..conftest import Broker, Collector, agent_env, free_port, wait_until
 from .test_coordinator import cloud_config
 
-TTL_S = 3
+TTL_S = 4
 TOPICS = Topics("plant", "dev-1")
 PRIVATE, PUBLIC = generate_keypair()
 SHA = "ab" * 32
@@ -73,7 +73,7 @@ def test_leader_reissues_documents_before_they_expire_and_the_agent_keeps_them(
                 assert r.status_code == 200, r.text
                 first = r.json()
                 assert first["expires_at"] == first["issued_at"] + TTL_S  # the API's deploy expires too
-                wanted = first["revision"] + 4  # four re-issues: well past the first document's expiry
+                wanted = first["revision"] + 3  # three re-issues: well past the first document's expiry
                 wait_until(lambda: (agent.status()["applied_revision"] or 0) >= wanted, 40,
                            what=f"the agent to apply re-issued revision {wanted}")
                 status = agent.status()
