@@ -12,8 +12,8 @@ import pytest
 
 from edgeml._models import LoadedModel, ModelStore
 from edgeml._testing import models as modelgen
-from edgeml.updates import UpdateRejected
-from edgeml.updates._health import SAMPLES_KEY, encode_samples, health_check
+from edgeml.updates import SAMPLES_KEY, UpdateRejected, encode_samples
+from edgeml.updates._health import health_check
 
 from .conftest import Broker, Collector, wait_until
 from .test_updates import Fleet, X, finished, make_agent

@@ -257,11 +257,11 @@ def embed_samples(
     raw: str | None = None,
 ) -> Path:
     """Store health-check samples in an ONNX model's metadata (``edgeml.samples``, see
-    :func:`edgeml.updates._health.encode_samples`); writes ``dst`` (default: in place).
+    :func:`edgeml.updates.encode_samples`); writes ``dst`` (default: in place).
     ``raw`` stores that exact string instead (a malformed value, for tests)."""
     import onnx
 
-    from edgeml.updates._health import SAMPLES_KEY, encode_samples
+    from edgeml.updates import SAMPLES_KEY, encode_samples
 
     src = Path(path)
     out = Path(dst) if dst is not None else src
