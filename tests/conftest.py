@@ -182,3 +182,29 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     for p in started:
         if p.proc is not None:
             p.kill()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_databases() -> Iterator[None]:
+    """PostgreSQL databases made by ``tests._stores.cloud_db`` go at the end of the session."""
+    yield
+    from ._stores import drop_created
+
+    drop_created()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``EDGEML_TEST_STORE=postgresql`` only the tests that start whole coordinators on
+    ``tests._stores.cloud_db`` run (again, now on PostgreSQL): the others do not depend on
+    the backend, and the store's own tests run on both backends in every run."""
+    from ._stores import backend
+
+    if backend() != "postgresql":
+        return
+    keep, dropped = [], []
+    for item in items:
+        module = getattr(item, "module", None)
+        (keep if "cloud_db" in getattr(module, "__dict__", {}) else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep

@@ -179,6 +179,8 @@ from cloud.training import load_recipe, load_snapshot, train  # noqa: E402
 from cloud.training._quantize import probabilities  # noqa: E402
 from edgeml.sim import Faults, Simulator  # noqa: E402
 
+from .._stores import cloud_db  # noqa: E402
+
 FLEET = "plant"
 MODEL = "sensor-mlp"
 
@@ -218,7 +220,7 @@ class Plant:
             models={MODEL: {"recipe": str(recipe), "fleet": FLEET, "include_recipe_data": False}},
             auto_canary={"enabled": auto_canary, "artifact": "float", "min_accuracy": 0.5, "policy": "canary"},
         )
-        config = CloudConfig(broker_url=broker.url, db=f"sqlite://{tmp}/cloud.db", http_addr="127.0.0.1:0",
+        config = CloudConfig(broker_url=broker.url, db=cloud_db(tmp), http_addr="127.0.0.1:0",
                              artifact_dir=tmp / "artifacts", signing_key=keys / "fleet.key", training=training)
         self.coordinator = Coordinator(config).start()
         self.http = httpx.Client(base_url=self.coordinator.url, timeout=30)

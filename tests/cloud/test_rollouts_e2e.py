@@ -26,6 +26,7 @@ from edgeml import Agent, load_config
 from edgeml._testing import models as modelgen
 from edgeml.cli import main
 
+from .._stores import cloud_db
 from ..conftest import Broker, agent_env, free_port, wait_until
 
 DEVICES = [f"dev-{i}" for i in range(6)]
@@ -52,7 +53,7 @@ class Site:
     def __init__(self, tmp: Path, broker: Broker, models: dict[str, Path]) -> None:
         keys = tmp / "keys"
         generate_keys(keys)
-        config = CloudConfig(broker_url=broker.url, db=f"sqlite://{tmp}/cloud.db", http_addr="127.0.0.1:0",
+        config = CloudConfig(broker_url=broker.url, db=cloud_db(tmp), http_addr="127.0.0.1:0",
                              artifact_dir=tmp / "artifacts", signing_key=keys / "fleet.key")
         self.coordinator = Coordinator(config).start()
         wait_until(lambda: self.coordinator.desired.is_leader, 10, what="leadership")

@@ -37,6 +37,7 @@ from edgeml._testing import models as modelgen
 from edgeml.protocol.signing import load_public_keys
 from edgeml.sim import Faults, Simulator
 
+from .._stores import cloud_db
 from ..conftest import Broker, wait_until
 from .test_rollouts import FAST, FLEET, SimulatedDevices, _model, feed
 
@@ -147,7 +148,7 @@ class SimSite:
     def __init__(self, tmp: Path, broker: Broker, faults: Faults, offline: list[str]) -> None:
         keys = tmp / "keys"
         generate_keys(keys)
-        config = CloudConfig(broker_url=broker.url, db=f"sqlite://{tmp}/cloud.db", http_addr="127.0.0.1:0",
+        config = CloudConfig(broker_url=broker.url, db=cloud_db(tmp), http_addr="127.0.0.1:0",
                              artifact_dir=tmp / "artifacts", signing_key=keys / "fleet.key")
         self.coordinator = Coordinator(config).start()
         wait_until(lambda: self.coordinator.desired.is_leader, 10, what="leadership")

@@ -26,13 +26,14 @@ from cloud.training import build_snapshot, split, train  # noqa: E402
 from cloud.training._quantize import probabilities  # noqa: E402
 from edgeml import Agent, load_config  # noqa: E402
 
+from .._stores import cloud_db  # noqa: E402
 from ..conftest import Broker, agent_env, wait_until  # noqa: E402
 from .test_training import small_recipe  # noqa: E402
 
 
 def test_the_agent_serves_what_the_cloud_evaluated(broker: Broker, tmp_path: Path) -> None:
     generate_keys(tmp_path / "keys")
-    config = CloudConfig(broker_url=broker.url, db=f"sqlite://{tmp_path}/cloud.db", http_addr="127.0.0.1:0",
+    config = CloudConfig(broker_url=broker.url, db=cloud_db(tmp_path), http_addr="127.0.0.1:0",
                          artifact_dir=tmp_path / "artifacts", signing_key=tmp_path / "keys" / "fleet.key")
     recipe = small_recipe()
     snap = build_snapshot(recipe.data.sources)

@@ -21,10 +21,12 @@ pytest.importorskip("sklearn")
 
 from cloud._config import CloudConfig  # noqa: E402
 from cloud.coordinator import Coordinator  # noqa: E402
+from cloud.keys import generate_keys  # noqa: E402
 from edgeml._testing import models as modelgen  # noqa: E402
 from edgeml._testing.sensor import SensorStream  # noqa: E402
 from edgeml.cli import main  # noqa: E402
 
+from .._stores import cloud_db  # noqa: E402
 from ..conftest import Broker, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,9 +46,12 @@ def api(broker: Broker, tmp_path: Path) -> Iterator[Any]:
     recipes = tmp_path / "recipes"
     recipes.mkdir()
     (recipes / "small.yaml").write_text(yaml.safe_dump(small_sensor_recipe()))
-    config = CloudConfig(broker_url=broker.url, db=f"sqlite://{tmp_path}/cloud.db", http_addr="127.0.0.1:0",
-                         artifact_dir=tmp_path / "artifacts", training={"recipes_dir": recipes})
+    generate_keys(tmp_path / "keys")  # a signing key: the desired-state service, hence the leader election
+    config = CloudConfig(broker_url=broker.url, db=cloud_db(tmp_path), http_addr="127.0.0.1:0",
+                         artifact_dir=tmp_path / "artifacts", signing_key=tmp_path / "keys" / "fleet.key",
+                         training={"recipes_dir": recipes})
     with Coordinator(config) as coordinator, httpx.Client(base_url=coordinator.url, timeout=30) as http:
+        wait_until(lambda: coordinator.desired.is_leader, 10, what="leadership")  # PostgreSQL: an advisory lock
         yield coordinator, http
 
 
@@ -141,7 +146,7 @@ def test_drift_over_the_api_with_and_without_a_reference(api: Any, tmp_path: Pat
 
 def test_cli_trains_the_sensor_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "cloud.yaml"
-    config.write_text(f"db: sqlite://{tmp_path}/c.db\nartifact_dir: {tmp_path}/art\n")
+    config.write_text(f"db: {cloud_db(tmp_path)}\nartifact_dir: {tmp_path}/art\n")
     recipe = tmp_path / "sensor.yaml"
     recipe.write_text(yaml.safe_dump(small_sensor_recipe(epochs=3)))
     code = main(["models", "train", "--recipe", str(recipe), "-c", str(config), "--json"])
@@ -155,7 +160,8 @@ def test_cli_trains_the_sensor_recipe(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_cli_shows_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "cloud.yaml"
-    config.write_text(f"db: sqlite://{tmp_path}/c.db\nartifact_dir: {tmp_path}/art\ntraining: {{min_samples: 20}}\n")
+    db = cloud_db(tmp_path)
+    config.write_text(f"db: {db}\nartifact_dir: {tmp_path}/art\ntraining: {{min_samples: 20}}\n")
     recipe = tmp_path / "sensor.yaml"
     recipe.write_text(yaml.safe_dump(small_sensor_recipe(epochs=2)))
     assert main(["models", "train", "--recipe", str(recipe), "-c", str(config)]) == 0
@@ -164,7 +170,7 @@ def test_cli_shows_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     from cloud import open_store
 
     x, _ = SensorStream().sample(40, drift=1.0, rng=1)
-    with open_store(f"sqlite://{tmp_path}/c.db") as store:
+    with open_store(db) as store:
         store.insert_telemetry("default", "d", "s", [
             {"seq": i + 1, "ts": time.time() - 5, "kind": "sample", "model": "sensor-small", "version": "1",
              "inputs": {"input": [row.tolist()]}, "outputs": {}} for i, row in enumerate(x)])

@@ -18,6 +18,7 @@ import pytest
 from cloud._config import CloudConfig
 from cloud.coordinator import Coordinator
 
+from .._stores import cloud_db
 from ..conftest import wait_until
 from .conftest import FLEET, OFFLINE, N, Site
 
@@ -227,7 +228,7 @@ def test_without_the_stream_the_page_polls(site: Site, page: Any) -> None:
 
 def test_with_tokens_enforced_the_pages_load_and_the_data_needs_the_token(browser: Any, tmp_path: Path) -> None:
     pytest.importorskip("cloud.api._auth")  # the API's token auth
-    config = CloudConfig(broker_url="mqtt://127.0.0.1:1", db=f"sqlite://{tmp_path}/cloud.db", http_addr="127.0.0.1:0",
+    config = CloudConfig(broker_url="mqtt://127.0.0.1:1", db=cloud_db(tmp_path), http_addr="127.0.0.1:0",
                          artifact_dir=tmp_path / "artifacts", broker_wait_s=0.1)
     coordinator = Coordinator(config).start()
     context = browser.new_context(viewport={"width": 1280, "height": 800})

@@ -24,6 +24,7 @@ from cloud import Coordinator
 from cloud.tokens import Role, Tokens
 from edgeml._testing import models as modelgen
 
+from .._stores import cloud_db
 from ..cloud.test_coordinator import cloud_config
 from ..conftest import Broker, wait_until
 from ._fuzz import EXAMPLES
@@ -38,7 +39,7 @@ HEAVY = [("POST", "/v1/training/runs")]
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
     tmp = tmp_path_factory.mktemp("openapi")
     broker = Broker(tmp / "broker")
-    db = f"sqlite://{tmp}/cloud.db"
+    db = cloud_db(tmp)
     try:
         with Coordinator(cloud_config(tmp, db, broker)) as c:
             wait_until(lambda: c.desired.is_leader, timeout=10, what="leadership")

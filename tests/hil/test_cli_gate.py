@@ -15,6 +15,7 @@ from cloud._config import CloudConfig
 from cloud.api._hil import HilRunIn, hil_passed, list_runs, record_run
 from cloud.coordinator import Coordinator
 from cloud.keys import generate_keys
+from tests._stores import cloud_db
 from tests.cloud.conftest import make_store, store, store_url  # noqa: F401 - fixtures
 from tests.conftest import REPO, Broker
 
@@ -23,7 +24,7 @@ BROKEN = Path(__file__).parent / "scenarios" / "broken-model.yaml"
 
 def test_cli_broken_model_fails_and_blocks_the_gate(broker: Broker, tmp_path: Path) -> None:
     generate_keys(tmp_path / "keys")
-    config = CloudConfig(broker_url=broker.url, db=f"sqlite://{tmp_path}/gate.db", http_addr="127.0.0.1:0",
+    config = CloudConfig(broker_url=broker.url, db=cloud_db(tmp_path, "gate.db"), http_addr="127.0.0.1:0",
                          artifact_dir=tmp_path / "artifacts", signing_key=tmp_path / "keys" / "fleet.key")
     with Coordinator(config) as coordinator:
         proc = subprocess.run(

@@ -31,6 +31,7 @@ from cloud.registry.models import ModelRegistry
 from cloud.tokens import Identity, Role, Tokens, audit_entries
 from edgeml.cli import main
 
+from .._stores import cloud_db
 from ..cloud.conftest import make_store, store, store_url  # noqa: F401  (fixtures)
 from ..cloud.test_coordinator import cloud_config
 from ..conftest import Broker, wait_until
@@ -48,7 +49,7 @@ def bearer(token: str) -> dict[str, str]:
 
 @pytest.fixture
 def coordinator(broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Coordinator]:
-    db = f"sqlite://{tmp_path}/cloud.db"
+    db = cloud_db(tmp_path)
     monkeypatch.setenv("EDGEML_CLOUD_DB", db)  # `edgeml tokens` opens the same store
     with Coordinator(cloud_config(tmp_path, db, broker)) as c:
         assert wait_until(lambda: c.desired.is_leader, timeout=10, what="leadership")

@@ -21,6 +21,7 @@ from edgeml import Agent, load_config
 from edgeml._config import TLSFiles
 from edgeml.protocol import Topics
 
+from .._stores import cloud_db
 from ..conftest import agent_env, free_port, wait_until
 from .conftest import Fleet, Identity, TLSBroker, TLSClient, tls_handshake_refused
 
@@ -176,7 +177,7 @@ def test_a_real_agent_and_coordinator_over_mqtts(
     keys = tmp_path / "keys"
     generate_keys(keys)
     tls = TLSFiles(ca_file=fleet.coordinator.ca, cert_file=fleet.coordinator.cert, key_file=fleet.coordinator.key)
-    config = CloudConfig(broker_url=tls_broker.url, broker_tls=tls, db=f"sqlite://{tmp_path}/cloud.db",
+    config = CloudConfig(broker_url=tls_broker.url, broker_tls=tls, db=cloud_db(tmp_path),
                          http_addr="127.0.0.1:0", artifact_dir=tmp_path / "artifacts", signing_key=keys / "fleet.key")
     device = fleet.enroll("dev-1")
     coordinator = Coordinator(config).start()
