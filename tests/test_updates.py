@@ -27,6 +27,7 @@ from edgeml.protocol import ReportedState, Topics
 from edgeml.protocol.signing import sign_document
 from edgeml.updates import TRANSITIONS, Event, State
 
+from ._stores import cloud_db
 from .conftest import Broker, Collector, agent_env, free_port, wait_until
 
 X = np.random.default_rng(3).standard_normal((1, 4)).astype(np.float32)
@@ -34,14 +35,15 @@ TOPICS = Topics("plant", "dev-1")
 
 
 class Fleet:
-    """A coordinator on SQLite with a fleet key, and helpers to register and deploy."""
+    """A coordinator (SQLite, or PostgreSQL with EDGEML_TEST_STORE) with a fleet key, and helpers
+    to register and deploy."""
 
     def __init__(self, tmp: Path, broker: Broker) -> None:
         self.tmp = tmp
         self.broker = broker
         self.keys = tmp / "keys"
         generate_keys(self.keys)
-        config = CloudConfig(broker_url=broker.url, db=f"sqlite://{tmp}/cloud.db", http_addr="127.0.0.1:0",
+        config = CloudConfig(broker_url=broker.url, db=cloud_db(tmp), http_addr="127.0.0.1:0",
                              artifact_dir=tmp / "artifacts", signing_key=self.keys / "fleet.key")
         self.coordinator = Coordinator(config).start()
         wait_until(lambda: self.coordinator.desired.is_leader, 10, what="leadership")

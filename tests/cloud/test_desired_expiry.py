@@ -20,6 +20,7 @@ from edgeml import Agent, load_config
 from edgeml.protocol import ModelRef, Topics
 from edgeml.protocol.signing import generate_keypair, verify_document
 
+from .._stores import cloud_db
 from ..conftest import Broker, Collector, agent_env, free_port, wait_until
 from .test_coordinator import cloud_config
 
@@ -57,7 +58,7 @@ def test_config_key_and_environment() -> None:
 def test_leader_reissues_documents_before_they_expire_and_the_agent_keeps_them(
     broker: Broker, models: dict[str, Path], tmp_path: Path
 ) -> None:
-    config = cloud_config(tmp_path, f"sqlite://{tmp_path}/cloud.db", broker, desired={"ttl_s": TTL_S})
+    config = cloud_config(tmp_path, cloud_db(tmp_path), broker, desired={"ttl_s": TTL_S})
     keys = config.signing_key.parent  # type: ignore[union-attr]
     collector = Collector(broker.port, TOPICS.desired)
     try:
