@@ -36,6 +36,9 @@ __all__ = ["TrainingError", "code_version", "split", "train"]
 Progress = Callable[[str], None]
 #: ONNX float probabilities must match torch's within this (float32 op-order noise).
 ONNX_TOLERANCE = 1e-4
+#: Held-out rows shipped in every exported ONNX file with the file's own outputs for them:
+#: the device's health check runs them before it switches (edgeml.updates.encode_samples).
+HEALTH_SAMPLES = 8
 
 
 class TrainingError(CloudError):
@@ -167,6 +170,7 @@ def _export_and_gate(
     onnx_diff = float(np.abs(probabilities(float_path, x_te) - torch_probs).max())
     if onnx_diff > ONNX_TOLERANCE:
         raise TrainingError(f"the ONNX export disagrees with torch: max |dp| {onnx_diff:.2e} > {ONNX_TOLERANCE}")
+    embed_samples(float_path, x_te[:HEALTH_SAMPLES])
     q = recipe.quantization
     float_eval = evaluate(float_path, x_te, y_te, method="float", repeats=q.latency_repeats)
     reference = build_reference(x_tr, probabilities(float_path, x_tr).argmax(axis=1), input_name=_torch.INPUT_NAME,
@@ -186,6 +190,9 @@ def _export_and_gate(
     candidates = []
     for method in q.methods:
         path = quantize(float_path, run_dir, method, calibration)
+        # its own outputs (an int8 file differs from the float one), with room for int8 kernels
+        # that round differently on another CPU
+        embed_samples(path, x_te[:HEALTH_SAMPLES], atol=0.02)
         candidates.append(evaluate(path, x_te, y_te, method=method, repeats=q.latency_repeats))
     batch_us = interleaved_latency([float_path, *(c.path for c in candidates)], x_te, q.latency_repeats)
     float_eval = dataclasses.replace(float_eval, latency_us=batch_us[0])
@@ -205,6 +212,25 @@ def _export_and_gate(
         result["int8"] = {**best[0].as_json(), "path": str(best[0].path), "gate": best[1].as_json()}
         result["artifacts"]["onnx_int8"] = str(best[0].path)
     return result
+
+
+def embed_samples(path: Path, rows: np.ndarray, atol: float = 1e-3) -> None:
+    """Store ``rows`` (one sample each, batch of 1, as the device runs them) and what this
+    very file answers for them in its ``edgeml.samples`` metadata, replacing any there."""
+    import onnx
+
+    from edgeml.updates import SAMPLES_KEY, encode_samples
+
+    from ._torch import INPUT_NAME, OUTPUT_NAME
+
+    inputs = [{INPUT_NAME: np.ascontiguousarray(row[None], np.float32)} for row in rows]
+    expected = [{OUTPUT_NAME: probabilities(path, x[INPUT_NAME])} for x in inputs]
+    model = onnx.load(str(path))
+    kept = [prop for prop in model.metadata_props if prop.key != SAMPLES_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=SAMPLES_KEY, value=encode_samples(inputs, expected, atol=atol))
+    onnx.save(model, str(path))
 
 
 def _float_line(e: Evaluation, rows: int) -> str:

@@ -9,11 +9,13 @@ registers the gated artifacts, and deploys each one by a signed desired state to
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 
 pytest.importorskip("torch")
@@ -25,6 +27,7 @@ from cloud.keys import generate_keys  # noqa: E402
 from cloud.training import build_snapshot, split, train  # noqa: E402
 from cloud.training._quantize import probabilities  # noqa: E402
 from edgeml import Agent, load_config  # noqa: E402
+from edgeml.updates import SAMPLES_KEY  # noqa: E402
 
 from .._stores import cloud_db  # noqa: E402
 from ..conftest import Broker, agent_env, wait_until  # noqa: E402
@@ -61,6 +64,17 @@ def test_the_agent_serves_what_the_cloud_evaluated(broker: Broker, tmp_path: Pat
                 return np.asarray(out["probs"])
 
             on_agent = serve(float_ref)
+            # the export shipped held-out rows and its own outputs for them: the agent checked them
+            props = {p.key: p.value for p in onnx.load(result["artifacts"]["onnx_float"]).metadata_props}
+            samples = json.loads(props[SAMPLES_KEY])
+            assert len(samples["inputs"]) == len(samples["outputs"]) == 8
+
+            def health_reports() -> list[dict[str, Any]]:
+                rows = http.get("/v1/events", params={"fleet": "plant", "limit": 1000}).json()
+                return [r["body"]["data"] for r in rows if r["body"].get("name") == "update_health"]
+
+            reports = wait_until(health_reports, 20, what="the health report at the coordinator")
+            assert reports[0]["expected_checked"] is True and reports[0]["samples"] == 8
             cloud = probabilities(Path(result["artifacts"]["onnx_float"]), x_te)
             assert np.abs(on_agent - cloud).max() < 1e-5  # the same graph, preprocessing included
             assert (on_agent.argmax(1) == y_te).mean() == pytest.approx(result["float"]["accuracy"], abs=1e-12)
