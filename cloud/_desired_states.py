@@ -50,7 +50,7 @@ class DesiredStates:
     def __init__(
         self, store: Store, registry: ModelRegistry, *, db_url: str, broker_url: str, signing_key: Any,
         public_base: Callable[[], str], preregistered_only: bool = False, election_retry_s: float = 1.0,
-        broker_tls: Any = None,
+        broker_tls: Any = None, ttl_s: int | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -66,7 +66,8 @@ class DesiredStates:
             return
         self.election = LeaderElection(db_url, retry_s=election_retry_s, on_change=self._on_leader_change)
         self.publisher = MqttPublisher(broker_url, tls=broker_tls)
-        self.writer = DesiredStateWriter(store, self.publisher, signing_key, is_leader=lambda: self.is_leader)
+        self.writer = DesiredStateWriter(store, self.publisher, signing_key, is_leader=lambda: self.is_leader,
+                                         ttl_s=ttl_s)  # with ttl_s every document expires
 
     # ------------------------------------------------------------------ lifecycle
     @property

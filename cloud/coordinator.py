@@ -120,13 +120,10 @@ class Coordinator:
         self.desired = DesiredStates(
             self.store, self.registry, db_url=cfg.store_url, broker_url=cfg.broker_url, signing_key=cfg.signing_key,
             public_base=self._public_base, preregistered_only=cfg.ingest.policy == "preregistered",
-            broker_tls=cfg.broker_tls,
+            broker_tls=cfg.broker_tls, ttl_s=cfg.desired.ttl_s,
         )
-        ttl = cfg.desired.ttl_s
-        if ttl is not None and self.desired.writer is not None:
-            self.desired.writer.ttl_s = ttl  # every document written from now on expires
         self.desired.start()
-        if ttl is not None and self.desired.writer is not None:
+        if cfg.desired.ttl_s is not None and self.desired.writer is not None:
             self.expiry = ExpiryRefresher(self.desired.writer).start()
         return [desired_router(self.desired)]
 
