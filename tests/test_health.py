@@ -114,9 +114,11 @@ def test_output_shapes_are_checked_for_int_outputs_too(store: ModelStore, tmp_pa
     assert lying.runtime.outputs[0].shape == (None, 2)
     reason, message = rejection(lying)
     assert reason == "unhealthy" and "output 'label' has shape [1, 1], the model declares ['N', 2]" in message
-    # a rank that differs too
+    # a declared rank that the graph contradicts: ONNX Runtime drops the declaration (it says
+    # [], as for an undeclared rank), so there is no rank left to hold the output to
     flat = load(store, modelgen.build_onnx_argmax(tmp_path / "flat.onnx", declared=("N",)))
-    assert rejection(flat)[0] == "unhealthy"
+    assert flat.runtime.outputs[0].rank_known is False
+    assert health_check(flat, latency_budget_ms=None)["samples"] == 3
 
 
 def test_encode_samples_refuses_what_the_check_would_reject() -> None:
@@ -157,3 +159,36 @@ def test_the_agent_rejects_a_candidate_by_its_own_samples_and_keeps_serving(
     assert health[-1]["expected_checked"] is True and health[-1]["samples"] == len(INPUTS)
     failed = {r["data"]["reason"] for r in collector.records() if r.get("name") == "update_failed"}
     assert failed == {"unhealthy", "bad_metadata"}
+
+
+def test_an_output_of_undeclared_rank_is_not_held_to_a_shape(store: ModelStore, tmp_path: Path) -> None:
+    """ONNX Runtime describes an output whose rank depends on the data as ``[]``: the health
+    check runs the samples but does not hold the output to a rank the model never declared."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("total", TensorProto.FLOAT, None)
+    nodes = [  # total = sum(x) expanded to a rank equal to the number of non-zero inputs
+        helper.make_node("NonZero", ["input"], ["nz"]),
+        helper.make_node("Shape", ["nz"], ["nz_shape"]),
+        helper.make_node("Slice", ["nz_shape", "one", "two"], ["count"]),
+        helper.make_node("ConstantOfShape", ["count"], ["ones"], value=helper.make_tensor("v", TensorProto.INT64, [1], [1])),
+        helper.make_node("ReduceSum", ["input"], ["sum"], keepdims=0),
+        helper.make_node("Expand", ["sum", "ones"], ["total"]),
+    ]
+    init = [helper.make_tensor("one", TensorProto.INT64, [1], [1]), helper.make_tensor("two", TensorProto.INT64, [1], [2])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=init),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "rank.onnx"
+    onnx.save(model, str(path))
+    samples = [{"input": np.array([[1, 0, 2, 0]], np.float32)}, {"input": np.ones((1, 4), np.float32)}]
+    expected = [{"total": np.full((1, 1), 3.0, np.float32)}, {"total": np.full((1, 1, 1, 1), 4.0, np.float32)}]
+    model = store.load(modelgen.embed_samples(path, samples, expected, dst=tmp_path / "rank-ok.onnx"))
+    assert model.runtime.outputs[0].rank_known is False
+    assert health_check(model, latency_budget_ms=None)["expected_checked"] is True
+    # the values are still held to what the file expects
+    wrong = [{"total": np.full((1, 1), 9.0, np.float32)}, expected[1]]
+    model = store.load(modelgen.embed_samples(path, samples, wrong, dst=tmp_path / "rank-bad.onnx"))
+    assert rejection(model)[0] == "unhealthy"

@@ -24,6 +24,9 @@ class TensorSpec:
     shape: tuple[int | None, ...]
     dtype: np.dtype
     quantized: bool = False
+    #: False when the model does not declare the tensor's rank (``shape`` is then ``()``;
+    #: ONNX Runtime describes a scalar the same way).
+    rank_known: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name, "quantized": self.quantized}

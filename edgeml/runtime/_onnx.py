@@ -30,8 +30,10 @@ def _spec(arg: object, *, output: bool = False) -> TensorSpec:
         if output:  # e.g. scikit-learn's ZipMap: seq(map(int64,tensor(float)))
             return TensorSpec(name, (), np.dtype(object))
         raise ModelLoadError(f"input {name!r} has unsupported type {onnx_type}")
-    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in (arg.shape or []))  # type: ignore[attr-defined]
-    return TensorSpec(name, shape, np.dtype(_ONNX_TYPES[onnx_type]))
+    dims = arg.shape  # type: ignore[attr-defined]
+    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in (dims or []))
+    # ONNX Runtime says [] both for a scalar and for a tensor of unknown rank: take it as unknown
+    return TensorSpec(name, shape, np.dtype(_ONNX_TYPES[onnx_type]), rank_known=bool(dims))
 
 
 class OnnxRuntime(Runtime):

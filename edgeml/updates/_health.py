@@ -157,6 +157,8 @@ def _check_output(i: int, spec: TensorSpec, value: Any) -> None:
         return
     if value.dtype.kind in "fc" and not np.isfinite(value).all():
         raise UpdateRejected("unhealthy", f"sample {i}: output {spec.name!r} has NaN or inf")
+    if not spec.rank_known:  # the model does not say: nothing to hold the output to
+        return
     if len(value.shape) != len(spec.shape) or any(
         d is not None and d != v for d, v in zip(spec.shape, value.shape, strict=True)
     ):
