@@ -137,7 +137,7 @@ class RolloutService:
 
     def _check_hil(self, model: Any, pol: Policy) -> None:
         """The policy's HIL gate: the latest recorded run of each required scenario (and profile) passed."""
-        from ..api._hil import hil_passed
+        from ..hil import hil_passed
 
         verdict = hil_passed(self.store, model.name, model.version, scenarios=pol.hil.scenarios,
                              hardware_profiles=pol.hil.hardware_profiles)

@@ -349,7 +349,7 @@ MIGRATIONS.append(Migration(7, "API tokens, roles in the audit log", {
 }))
 # <<< AUTH
 
-# >>> HIL (migration 8): hardware-in-the-loop runs reported by `edgeml hil run --report` (cloud/api/_hil.py)
+# >>> HIL (migration 8): hardware-in-the-loop runs reported by `edgeml hil run --report` (cloud/hil.py)
 _V8 = """
 CREATE TABLE hil_runs (
     id {serial},

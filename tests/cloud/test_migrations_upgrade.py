@@ -7,8 +7,8 @@ import time
 import pytest
 
 from cloud import Store, open_store
-from cloud.api._hil import Counts, HilRunIn, hil_passed, record_run
 from cloud.desired import DesiredStateWriter
+from cloud.hil import Counts, HilRunIn, hil_passed, record_run
 from cloud.rollouts import _repo as rollout_repo
 from cloud.store import MIGRATIONS, Migrations, ModelRecord, StreamCounters, TelemetryBatchIn
 from cloud.tokens import Tokens, audit_entries

@@ -228,7 +228,7 @@ def test_ab_reports_and_waits_for_a_person(world: tuple[RolloutService, Simulate
 
 def test_a_policy_can_require_a_passing_hil_run_before_the_start(
         world: tuple[RolloutService, SimulatedDevices]) -> None:
-    from cloud.api._hil import HilRunIn, record_run
+    from cloud.hil import HilRunIn, record_run
 
     service, devices = world
     policy = {**FAST, "hil": {"required": True, "scenarios": ["steady-replay", "broker-restart"]}}

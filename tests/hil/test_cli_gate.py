@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from cloud._config import CloudConfig
-from cloud.api._hil import HilRunIn, hil_passed, list_runs, record_run
 from cloud.coordinator import Coordinator
+from cloud.hil import HilRunIn, hil_passed, list_runs, record_run
 from cloud.keys import generate_keys
 from tests._stores import cloud_db
 from tests.cloud.conftest import make_store, store, store_url  # noqa: F401 - fixtures
