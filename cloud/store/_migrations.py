@@ -296,8 +296,8 @@ MIGRATIONS.append(Migration(5, "rollouts, cohorts, verdicts, audit log", {
 }))
 # <<< ROLLOUTS
 
-# >>> TRAINING (migration 6): training runs (tables RunStore also creates on first use, hence
-# IF NOT EXISTS throughout), drift measurements and continuous-training triggers
+# >>> TRAINING (migration 6): training runs, drift measurements and continuous-training triggers
+# (IF NOT EXISTS throughout: before this migration, training created its tables on first use)
 _V6 = """
 CREATE TABLE IF NOT EXISTS training_runs (
     run_id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL, recipe TEXT NOT NULL,

@@ -1,8 +1,7 @@
 """Experiment tracking in the coordinator's store: runs, per-epoch metrics, snapshots.
 
-The tables are created here, idempotently (``CREATE TABLE IF NOT EXISTS``, the same DDL
-on SQLite and PostgreSQL), the first time a :class:`RunStore` is opened, so training
-needs no schema migration of its own. A run row is written (``running``) before the
+The tables are the store's migration 6 (``training_runs``, ``training_epochs``,
+``training_snapshots``). A run row is written (``running``) before the
 training starts and finished (``succeeded``/``failed``) after, so a crash leaves a run
 visibly unfinished rather than missing.
 """
@@ -22,19 +21,6 @@ from ..store import Store
 
 __all__ = ["RunRecord", "RunStore", "compare_runs"]
 
-_DDL = (
-    """CREATE TABLE IF NOT EXISTS training_runs (
-        run_id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL, recipe TEXT NOT NULL,
-        recipe_sha256 TEXT NOT NULL, dataset_hash TEXT, code_version TEXT NOT NULL, metrics TEXT,
-        artifacts TEXT, result TEXT, error TEXT, started_at DOUBLE PRECISION NOT NULL,
-        finished_at DOUBLE PRECISION)""",
-    """CREATE TABLE IF NOT EXISTS training_epochs (
-        run_id TEXT NOT NULL, epoch INTEGER NOT NULL, loss DOUBLE PRECISION NOT NULL,
-        train_accuracy DOUBLE PRECISION NOT NULL, test_accuracy DOUBLE PRECISION NOT NULL,
-        seconds DOUBLE PRECISION NOT NULL, PRIMARY KEY (run_id, epoch))""",
-    """CREATE TABLE IF NOT EXISTS training_snapshots (
-        hash TEXT PRIMARY KEY, summary TEXT NOT NULL, path TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL)""",
-)
 _RUN_COLUMNS = ("run_id, name, status, recipe, recipe_sha256, dataset_hash, code_version, metrics, artifacts, "
                 "result, error, started_at, finished_at")
 
@@ -77,9 +63,6 @@ class RunStore:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        with store.transaction(write=True) as tx:
-            for ddl in _DDL:
-                tx.execute(ddl)
 
     def start(self, name: str, recipe: Mapping[str, Any], recipe_sha256: str, code_version: Mapping[str, Any]) -> str:
         run_id = f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"

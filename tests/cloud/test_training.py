@@ -335,8 +335,7 @@ def test_failed_run_is_recorded(env: dict[str, Any]) -> None:
 
 
 def test_run_tables_on_both_backends(store: Store) -> None:
-    runs = RunStore(store)
-    RunStore(store)  # idempotent DDL
+    runs = RunStore(store)  # its tables come with the store's migrations
     rid = runs.start("n", {"training": {"seed": 1}}, "abc", {"edgeml": "0.1.0"})
     runs.set_dataset(rid, "sha256:" + "1" * 64, {"rows": 3}, "/x.npz")
     runs.add_epoch(rid, {"epoch": 1, "loss": 0.5, "train_accuracy": 0.8, "test_accuracy": 0.7, "seconds": 0.1})
