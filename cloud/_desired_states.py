@@ -23,12 +23,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from edgeml.protocol import ModelRef, check_id
 
-from ._exceptions import CloudError, InvalidInput, NotFound, NotLeader, SigningKeyMissing
+from ._exceptions import (
+    CloudError,
+    InvalidInput,
+    NotFound,
+    NotLeader,
+    PublishError,
+    SigningKeyMissing,
+)
 from .desired import DesiredStateWriter, MqttPublisher
 from .leader import LeaderElection
 from .registry.models import ModelRegistry
@@ -133,6 +140,51 @@ class DesiredStates:
             self._require_registered(fleet, device)
         refs = self._model_ref(model), self._model_ref(shadow)
         return writer.set(fleet, device, refs[0], refs[1], expires_in)
+
+    def deploy_many(
+        self, fleet: str, items: Sequence[tuple[str, str | None, str | None]],
+    ) -> dict[str, dict[str, Any] | CloudError]:
+        """:meth:`deploy` for many devices, ``(device, model, shadow)`` each, in one
+        transaction and one round of publishes (what a rollout step does). Per device: the
+        signed document, or the :class:`CloudError` that kept it from being issued (unknown
+        model or device). :class:`NotLeader` off the leader. If the broker did not take
+        the documents they are stored all the same (the leader republishes them) and
+        returned as usual."""
+        writer = self._writer()
+        if not self.is_leader:
+            raise NotLeader("this coordinator replica is not the leader; desired states are written by the leader")
+        outcome: dict[str, dict[str, Any] | CloudError] = {}
+        refs: dict[str | None, ModelRef | CloudError | None] = {None: None}
+        batch = []
+        seen: set[str] = set()
+        for device, model, shadow in items:
+            try:
+                _check_ids(fleet, device)
+                if device in seen:
+                    raise InvalidInput(f"device {device!r} appears twice in one batch")
+                seen.add(device)
+                if self.preregistered_only:
+                    self._require_registered(fleet, device)
+                for ref in (model, shadow):
+                    if ref not in refs:
+                        try:
+                            refs[ref] = self._model_ref(ref)
+                        except CloudError as exc:
+                            refs[ref] = exc
+                    if isinstance(found := refs[ref], CloudError):
+                        raise found
+            except CloudError as exc:
+                outcome[device] = exc
+                continue
+            batch.append((device, refs[model], refs[shadow]))
+        try:
+            signed = writer.set_many(fleet, batch)  # type: ignore[arg-type]
+        except PublishError as exc:  # stored: the republish worker sends them
+            log.warning("desired states of %d device(s) stored but not published yet: %s", len(batch), exc)
+            signed = exc.documents  # type: ignore[attr-defined]
+        for (device, _, _), doc in zip(batch, signed, strict=True):
+            outcome[device] = doc
+        return outcome
 
     # ------------------------------------------------------------------ internals
     def _writer(self) -> DesiredStateWriter:

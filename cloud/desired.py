@@ -41,7 +41,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,9 @@ from edgeml.protocol.signing import load_private_key, sign_document
 
 from ._exceptions import CloudError, ConfigError, NotLeader, PublishError
 from .store import Store, Transaction
+
+#: A model of a desired-state document: a reference, its dict, or None (no model).
+DocumentModel = ModelRef | Mapping[str, Any] | None
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +137,8 @@ class DesiredStateWriter:
         stored revision is still that one (None otherwise): a re-issue never overwrites a
         document written since it was read."""
         topics = Topics(fleet, device)  # ValueError on a bad id
-        body = {"model": _model_dict(model, "model"), "shadow": _model_dict(shadow, "shadow")}
-        lifetime = self.ttl_s if expires_in is None else expires_in
-        if lifetime is not None and lifetime <= 0:
-            raise ValueError(f"expires_in must be > 0 seconds, got {lifetime}")
+        body = _body(model, shadow)
+        lifetime = self._lifetime(expires_in)
         self._require_leader()
         with self.store.transaction(write=True) as tx:
             previous = self._lock_row(tx, fleet, device)
@@ -146,20 +147,90 @@ class DesiredStateWriter:
                 log.info("%s: revision %d was stored meanwhile; not re-issuing %d", topics.desired, previous,
                          over_revision)
                 return None
-            now = int(time.time())
-            doc: dict[str, Any] = {"v": 1, "fleet": fleet, "device": device, "revision": previous + 1, "issued_at": now, **body}
-            if lifetime is not None:
-                doc["expires_at"] = now + int(lifetime)
-            signed = sign_document(doc, self._key)
-            payload = encode_document(signed)
-            self._check(payload)
-            tx.execute(
-                "UPDATE desired_states SET revision = ?, payload = ?, updated_at = ? WHERE fleet = ? AND device_id = ?",
-                (signed["revision"], payload.decode(), time.time(), fleet, device),
-            )
+            signed, payload = self._write(tx, fleet, device, previous + 1, body, lifetime)
         log.info("desired state %s revision %d stored", topics.desired, signed["revision"])
         self._publish_latest(fleet, device, signed["revision"], payload)
         return signed
+
+    def set_many(
+        self, fleet: str, items: Sequence[tuple[str, DocumentModel, DocumentModel]], expires_in: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Issue the next revision of several devices' desired states, ``(device, model,
+        shadow)`` each: one transaction (one commit) for all of them, then every document
+        published before the acknowledgements are awaited. Returns the signed documents in
+        the order of ``items``. :class:`PublishError` if the broker did not take them: they
+        are stored all the same (its ``documents`` holds them) and the leader republishes.
+
+        Rows are locked in device order, so two batches over the same devices cannot deadlock."""
+        bodies = {}
+        for device, model, shadow in items:
+            Topics(fleet, device)  # ValueError on a bad id
+            if device in bodies:
+                raise ValueError(f"device {device!r} appears twice in one batch")
+            bodies[device] = _body(model, shadow)
+        if not bodies:
+            return []
+        lifetime = self._lifetime(expires_in)
+        self._require_leader()
+        written: dict[str, tuple[dict[str, Any], bytes]] = {}
+        with self.store.transaction(write=True) as tx:
+            previous = {device: self._lock_row(tx, fleet, device) for device in sorted(bodies)}
+            self._require_leader()  # the row locks may have waited on a newer leader
+            for device in sorted(bodies):
+                written[device] = self._write(tx, fleet, device, previous[device] + 1, bodies[device], lifetime)
+        log.info("desired states of %d device(s) of %s stored", len(written), fleet)
+        signed = [written[device][0] for device, _, _ in items]
+        try:
+            self._publish_batch(fleet, [(device, doc["revision"], payload) for device, (doc, payload) in written.items()])
+        except PublishError as exc:
+            exc.documents = signed  # type: ignore[attr-defined]
+            raise
+        return signed
+
+    def _write(
+        self, tx: Transaction, fleet: str, device: str, revision: int, body: dict[str, Any], lifetime: int | None,
+    ) -> tuple[dict[str, Any], bytes]:
+        """Sign revision ``revision`` of ``device``'s document and store it (its row is locked)."""
+        now = int(time.time())
+        doc: dict[str, Any] = {"v": 1, "fleet": fleet, "device": device, "revision": revision, "issued_at": now, **body}
+        if lifetime is not None:
+            doc["expires_at"] = now + int(lifetime)
+        signed = sign_document(doc, self._key)
+        payload = encode_document(signed)
+        self._check(payload)
+        tx.execute(
+            "UPDATE desired_states SET revision = ?, payload = ?, updated_at = ? WHERE fleet = ? AND device_id = ?",
+            (revision, payload.decode(), time.time(), fleet, device),
+        )
+        return signed, payload
+
+    def _lifetime(self, expires_in: int | None) -> int | None:
+        lifetime = self.ttl_s if expires_in is None else expires_in
+        if lifetime is not None and lifetime <= 0:
+            raise ValueError(f"expires_in must be > 0 seconds, got {lifetime}")
+        return lifetime
+
+    def _publish_batch(self, fleet: str, sent: list[tuple[str, int, bytes]]) -> None:
+        """Publish documents (all sent, then all acknowledged, when the publisher can), then
+        again any device whose stored revision moved on meanwhile."""
+        messages = [(Topics(fleet, device).desired, payload) for device, _, payload in sent]
+        many = getattr(self.publish, "many", None)
+        try:
+            if many is not None:
+                many(messages)
+            else:
+                for topic, payload in messages:
+                    self.publish(topic, payload)
+        except CloudError:
+            raise
+        except Exception as exc:  # the publish callable is outside our tree: translate it
+            raise PublishError(f"publishing {len(messages)} desired state(s) of {fleet} failed: {exc}") from exc
+        for device, revision, _ in sent:
+            latest = self.stored(fleet, device)
+            if latest is not None and latest.revision > revision:
+                log.info("%s: revision %d was stored meanwhile; publishing it", Topics(fleet, device).desired,
+                         latest.revision)
+                self._publish_latest(fleet, device, latest.revision, latest.payload)
 
     def republish_all(self, fleet: str | None = None) -> int:
         """Publish every stored document again (a new leader does this); return how many."""
@@ -257,6 +328,10 @@ class DesiredStateWriter:
                 return
             log.info("%s: revision %d was stored meanwhile; publishing it", topic, latest.revision)
             revision, payload = latest.revision, latest.payload
+
+
+def _body(model: DocumentModel, shadow: DocumentModel) -> dict[str, Any]:
+    return {"model": _model_dict(model, "model"), "shadow": _model_dict(shadow, "shadow")}
 
 
 class ExpiryRefresher:
@@ -373,6 +448,27 @@ class MqttPublisher:
             if not info.is_published():
                 self._reset()
                 raise PublishError(f"no PUBACK for {topic} within {self.timeout_s}s")
+
+    def many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Publish every ``(topic, payload)`` (QoS 1, retained), then wait for all the
+        acknowledgements: one round trip's wait for the batch instead of one per document.
+        :class:`PublishError` as for one; after a failure nothing queued is delivered late."""
+        with self._lock:
+            client = self._ensure_client()
+            if not self._connected.wait(self.timeout_s):
+                self._reset()
+                raise PublishError(f"not connected to {self.broker.host}:{self.broker.port} within {self.timeout_s}s")
+            infos = [(topic, client.publish(topic, payload, qos=1, retain=True)) for topic, payload in messages]
+            deadline = time.monotonic() + self.timeout_s + 0.01 * len(infos)
+            for topic, info in infos:
+                try:
+                    info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+                except (RuntimeError, ValueError) as exc:
+                    self._reset()
+                    raise PublishError(f"publish to {topic} failed: {exc}") from exc
+                if not info.is_published():
+                    self._reset()
+                    raise PublishError(f"no PUBACK for {topic} within {self.timeout_s}s")
 
     def close(self) -> None:
         with self._lock:

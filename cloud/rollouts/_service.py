@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -49,7 +49,6 @@ from .._exceptions import (
     InvalidTransition,
     NotLeader,
     PolicyError,
-    PublishError,
     SigningKeyMissing,
 )
 from ..store import Store, Transaction
@@ -86,6 +85,10 @@ class Deployer(Protocol):
     def is_leader(self) -> bool: ...
 
     def deploy(self, fleet: str, device: str, model: str | None, shadow: str | None = None) -> dict[str, Any]: ...
+
+    def deploy_many(
+        self, fleet: str, items: Sequence[tuple[str, str | None, str | None]],
+    ) -> Mapping[str, dict[str, Any] | CloudError]: ...
 
 
 class RolloutService:
@@ -280,10 +283,9 @@ class RolloutService:
             todo = tx.execute("SELECT device_id, previous_ref FROM rollout_devices WHERE rollout_id = ? "
                               "AND cohort = 'canary' AND deployed_at IS NULL ORDER BY device_id", (r.id,)).fetchall()
         for start in range(0, len(todo), DEPLOY_CHUNK):
-            done = []
-            for device, previous in todo[start:start + DEPLOY_CHUNK]:
-                model, shadow = self._documents(r, previous)
-                done.append((self.clock(), self._deploy(r, device, model, shadow), r.id, device))
+            chunk = todo[start:start + DEPLOY_CHUNK]
+            revisions = self._deploy_many(r, [(device, *self._documents(r, previous)) for device, previous in chunk])
+            done = [(self.clock(), revisions.get(device), r.id, device) for device, _ in chunk]
             with self.store.transaction(write=True) as tx:  # a crash re-sends at most one chunk (idempotent)
                 for row in done:
                     tx.execute("UPDATE rollout_devices SET deployed_at = ?, revision = ? WHERE rollout_id = ? "
@@ -302,17 +304,19 @@ class RolloutService:
             return current, r.model_ref  # the candidate as the shadow: preloaded, compared, never served
         return r.model_ref, None
 
-    def _deploy(self, r: repo.Rollout, device: str, model: str | None, shadow: str | None) -> int | None:
-        try:
-            return int(self.desired.deploy(r.fleet, device, model, shadow)["revision"])
-        except PublishError as exc:  # stored; the leader republishes it
-            log.warning("rollout %s: %s/%s stored but not published yet: %s", r.id, r.fleet, device, exc)
-            return None
-        except NotLeader:
-            raise
-        except CloudError as exc:  # the device cannot take it (unknown device, ...): not waited for
-            log.warning("rollout %s: cannot deploy to %s/%s: %s", r.id, r.fleet, device, exc)
-            return None
+    def _deploy_many(self, r: repo.Rollout, items: list[tuple[str, str | None, str | None]]) -> dict[str, int | None]:
+        """Issue a chunk's documents in one batch; each device's revision, None for a device
+        that cannot take it (unknown device, ...), which is then not waited for."""
+        if not items:
+            return {}
+        revisions: dict[str, int | None] = {}
+        for device, outcome in self.desired.deploy_many(r.fleet, items).items():
+            if isinstance(outcome, CloudError):
+                log.warning("rollout %s: cannot deploy to %s/%s: %s", r.id, r.fleet, device, outcome)
+                revisions[device] = None
+            else:
+                revisions[device] = int(outcome["revision"])
+        return revisions
 
     def _send_back(self, r: repo.Rollout) -> int:
         """Every canary device not sent back yet gets its previous model again, with no shadow
@@ -322,9 +326,8 @@ class RolloutService:
                               "AND cohort = 'canary' AND reverted = 0 ORDER BY device_id", (r.id,)).fetchall()
         for start in range(0, len(todo), DEPLOY_CHUNK):
             chunk = todo[start:start + DEPLOY_CHUNK]
-            for device, previous in chunk:
-                if (target := previous or r.baseline_ref) is not None:
-                    self._deploy(r, device, target, None)
+            self._deploy_many(r, [(device, target, None) for device, previous in chunk
+                                  if (target := previous or r.baseline_ref) is not None])
             with self.store.transaction(write=True) as tx:
                 for device, _ in chunk:
                     tx.execute("UPDATE rollout_devices SET reverted = 1 WHERE rollout_id = ? AND device_id = ?",

@@ -189,3 +189,46 @@ def test_publish_failure_then_republish_fixes_the_broker(store: Store, broker: B
         capture_output=True, timeout=20, check=True,
     ).stdout
     assert json.loads(out)["revision"] == 2
+
+
+def test_a_batch_is_one_commit_and_every_document_reaches_the_broker(store: Store, broker: Broker) -> None:
+    """set_many: each device's next revision, signed, stored in one transaction and published
+    retained (all sent before the acknowledgements are awaited); the same as one at a time."""
+    devices = [f"dev-{i:03d}" for i in range(60)]
+    with MqttPublisher(broker.url) as publish:
+        w = writer(store, publish)
+        w.set("plant", "dev-007", MODEL)  # one device is already at revision 1
+        docs = w.set_many("plant", [(d, MODEL.model_copy(update={"version": "2.0.0"}), None) for d in reversed(devices)])
+        assert [d["device"] for d in docs] == list(reversed(devices))  # in the order asked
+        assert {d["device"]: d["revision"] for d in docs} == {d: 2 if d == "dev-007" else 1 for d in devices}
+        for doc in docs:
+            verify_document(doc, PUBLIC)
+            assert w.stored("plant", doc["device"]).payload == json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        with pytest.raises(ValueError, match="twice"):
+            w.set_many("plant", [("dev-001", MODEL, None), ("dev-001", None, None)])
+        assert w.get("plant", "dev-001")["revision"] == 1  # a refused batch stores nothing
+    out = subprocess.run(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "edgeml/v1/plant/+/desired",
+         "-C", str(len(devices)), "-W", "10"],
+        capture_output=True, timeout=20, check=True,
+    ).stdout
+    retained = [json.loads(line) for line in out.splitlines()]
+    assert sorted(d["device"] for d in retained) == devices
+    assert all(d["model"]["version"] == "2.0.0" for d in retained)
+
+
+def test_a_batch_the_broker_does_not_take_is_stored_and_said(store: Store, broker: Broker) -> None:
+    publish = MqttPublisher(broker.url, timeout_s=1.0).connect()
+    w = writer(store, publish)
+    try:
+        w.set("plant", "dev-1", MODEL)
+        broker.stop()
+        with pytest.raises(PublishError) as info:
+            w.set_many("plant", [("dev-1", None, None), ("dev-2", MODEL, None)])
+        assert [d["revision"] for d in info.value.documents] == [2, 1]  # type: ignore[attr-defined]
+        assert w.get("plant", "dev-2")["revision"] == 1  # stored: the leader republishes it
+        with pytest.raises(NotLeader):
+            writer(store, publish, leader=lambda: False).set_many("plant", [("dev-3", MODEL, None)])
+        assert w.get("plant", "dev-3") is None
+    finally:
+        publish.close()

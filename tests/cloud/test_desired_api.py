@@ -151,3 +151,29 @@ def test_cli_deploy_then_desired(broker: Broker, store_url: str, models: dict[st
         assert doc == retained(broker.port)
         out = cli(coordinator.url, "fleet", "deploy", "dev-1", "mlp@nope", "--fleet", "plant")
         assert out.returncode == 1 and "no model mlp@nope" in out.stderr
+
+
+def test_deploy_many_issues_a_batch_and_says_which_devices_could_not_take_it(
+    broker: Broker, store_url: str, models: dict[str, Path], tmp_path: Path,
+) -> None:
+    """What a rollout step calls: one batch; an unknown model or an unregistered device (with
+    the preregistered policy) is that device's error, the others get their documents."""
+    from cloud._exceptions import InvalidInput, NotFound
+
+    cfg = cloud_config(tmp_path, store_url, broker, ingest={"policy": "preregistered"})
+    with Coordinator(cfg) as coordinator, started(coordinator) as http:
+        register(http, models["onnx_float"], "1.0.0")
+        for device in ("dev-1", "dev-2", "dev-3"):
+            assert http.put(f"/v1/devices/plant/{device}", json={}).status_code == 201
+        out = coordinator.desired.deploy_many("plant", [
+            ("dev-1", "mlp@1.0.0", None), ("dev-2", "mlp@9.9.9", None), ("dev-3", None, "mlp@1.0.0"),
+            ("dev-9", "mlp@1.0.0", None), ("dev-1", "mlp@1.0.0", None), ("bad id!", "mlp@1.0.0", None),
+        ])
+        assert out["dev-1"]["revision"] == 1 and out["dev-1"]["model"]["version"] == "1.0.0"  # type: ignore[index]
+        assert out["dev-3"]["model"] is None and out["dev-3"]["shadow"]["version"] == "1.0.0"  # type: ignore[index]
+        assert isinstance(out["dev-2"], NotFound) and "9.9.9" in str(out["dev-2"])
+        assert isinstance(out["dev-9"], NotFound) and "preregistered" in str(out["dev-9"])
+        assert isinstance(out["bad id!"], InvalidInput)
+        assert http.get("/v1/devices/plant/dev-2/desired").status_code == 404  # nothing issued for it
+        got = retained(broker.port, "edgeml/v1/plant/dev-1/desired")
+        assert got is not None and got["revision"] == 1

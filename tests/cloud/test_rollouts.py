@@ -47,6 +47,9 @@ class SimulatedDevices:
             })
         return {"revision": rev}
 
+    def deploy_many(self, fleet: str, items: list[tuple[str, str | None, str | None]]) -> dict[str, Any]:
+        return {device: self.deploy(fleet, device, model, shadow) for device, model, shadow in items}
+
     def active(self, device: str) -> str:
         with self.store.transaction() as tx:
             a = tx.get_device(FLEET, device).reported_state["active"]
