@@ -325,8 +325,10 @@ def _run(ui: _UI, root: Path, stack: list[Callable[[], None]], n_devices: int, d
     def deploy(tick: Callable[[str], None]) -> str:
         _wait(lambda: len([d for d in store.list_devices(FLEET) if d.online]) == n_devices, 30,
               "every device registered", tick, lambda: f"{len(store.list_devices(FLEET))} devices registered")
-        for a in agents:
-            coordinator.desired.deploy(FLEET, a.config.device_id, first)
+        issued = coordinator.desired.deploy_many(FLEET, [(a.config.device_id, first, None) for a in agents])
+        refused = {device: str(out) for device, out in issued.items() if isinstance(out, Exception)}
+        if refused:
+            raise RuntimeError(f"desired states not issued: {refused}")
         _wait(lambda: versions() == {"1": n_devices}, 60, f"every device on {first}", tick,
               lambda: f"versions {versions()}")
         return f"{n_devices} devices verified, health-checked and serve {first}"
