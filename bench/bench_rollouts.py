@@ -1,6 +1,6 @@
 """Rollout engine benchmark: 1,000 devices in a real store, synthetic telemetry, no agents.
 
-    /work/venv/bin/python bench/bench_rollouts.py [--devices 1000] [--store sqlite|postgresql]
+    .venv/bin/python bench/bench_rollouts.py [--devices 1000] [--store sqlite|postgresql]
 
 Devices are registered in a SQLite (or PostgreSQL) store; a simulated edge applies
 each desired state at once and reports it (the ingestor's write), and every round
@@ -71,6 +71,9 @@ class SimulatedEdge:
             tx.set_reported_state(fleet, device, {"applied_revision": rev, "active": {"name": name, "version": version},
                                                   "update": {"state": "idle", "result": "success"}})
         return {"revision": rev}
+
+    def deploy_many(self, fleet: str, items: list[tuple[str, str | None, str | None]]) -> dict[str, Any]:
+        return {device: self.deploy(fleet, device, model, shadow) for device, model, shadow in items}
 
 
 def _model(version: str) -> ModelRecord:

@@ -1,6 +1,6 @@
 """Training benchmark: every shipped recipe (configs/recipes/*.yaml) on this machine.
 
-    /work/venv/bin/python bench/bench_training.py [--repeats 200] [--recipe FILE ...]
+    .venv/bin/python bench/bench_training.py [--repeats 200] [--recipe FILE ...]
 
 For each recipe: a full run (snapshot, deterministic torch training on one thread, ONNX
 export, static QDQ and dynamic int8, the gate) without a store or registry. Printed as
