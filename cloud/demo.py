@@ -29,6 +29,7 @@ stages, at the URL printed at the start.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -182,9 +183,12 @@ class _Application:
 
 def _broken_copy(src: Path, dst: Path) -> Path:
     """The same network with its output classes rotated: it loads, passes the device's
-    health check (shapes, finite values) and answers wrongly."""
+    health check (shapes, finite values, its own shipped samples, as any exporter's file
+    would) and answers wrongly."""
     import onnx
     from onnx import helper, numpy_helper
+
+    from .training._pipeline import HEALTH_SAMPLES, embed_samples
 
     model = onnx.load(str(src))
     graph = model.graph
@@ -199,6 +203,16 @@ def _broken_copy(src: Path, dst: Path) -> Path:
     graph.node.append(helper.make_node("Gather", [f"{out.name}_unshuffled", "edgeml_demo_perm"], [out.name], axis=1))
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
+    # the samples it inherited expect the right classes: ship its own answers for the same rows
+    from edgeml.updates import SAMPLES_KEY
+
+    shipped = {prop.key: prop.value for prop in model.metadata_props}.get(SAMPLES_KEY)
+    if shipped is not None:
+        rows = np.array([np.asarray(x[graph.input[0].name])[0] for x in json.loads(shipped)["inputs"]], np.float32)
+    else:
+        features = graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+        rows = np.random.default_rng(0).standard_normal((HEALTH_SAMPLES, features)).astype(np.float32)
+    embed_samples(dst, rows)
     return dst
 
 
