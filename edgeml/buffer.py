@@ -222,14 +222,14 @@ class TelemetryBuffer:
         """Queue a prediction record; summary and batch size are computed by the flusher."""
         queue = self._queue
         queue.append((1, time.time(), model, version, latency_us, output_name, output))
-        if len(queue) == FLUSH_AT:
+        if len(queue) >= FLUSH_AT and not self._wake.is_set():  # >=: two appenders may pass the mark together
             self._wake.set()
 
     def append(self, kind: str, fields: dict[str, Any], ts: float | None = None) -> None:
         """Queue a record of ``kind`` (sample, prediction, metrics, event) with ``fields``."""
         queue = self._queue
         queue.append((0, ts or time.time(), kind, fields))
-        if len(queue) == FLUSH_AT:
+        if len(queue) >= FLUSH_AT and not self._wake.is_set():  # >=: two appenders may pass the mark together
             self._wake.set()
 
     def add_listener(self, callback: Callable[[], None]) -> None:

@@ -57,10 +57,11 @@ def test_errors_in_service_roll_back_with_reason_error_rate(
         failed = 0
         for _ in range(20):  # well before the 60 s probation ends
             try:
-                agent.predict({"input": BATCH_8})
+                if agent.predict({"input": BATCH_8}).version != "2.0.0":
+                    break  # the probation already rolled back (it checks every 0.1 s)
             except ModelError:
                 failed += 1
-        assert failed == 20
+        assert failed >= 10  # enough for probation_min_predictions
         status = wait_until(lambda: finished(agent, doc["revision"]), 30, what="rollback")
         assert (status["update"]["result"], status["update"]["reason"]) == ("rolled_back", "error_rate")
         assert agent.model.version == "1.0.0"

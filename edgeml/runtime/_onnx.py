@@ -59,15 +59,15 @@ class OnnxRuntime(Runtime):
         # (input names, and OrtValue placement, which never applies: feeds are numpy arrays)
         # and costs ~2 us per call, a fifth of a tiny model's whole run. Call the engine's
         # own binding when this build has it; the public method otherwise.
-        binding = getattr(self._session, "_sess", None)
-        self._engine_run = binding.run if callable(getattr(binding, "run", None)) else None
+        # (looked up at each call: ONNX Runtime replaces ``_sess`` when its providers change)
+        self._engine_binding = callable(getattr(getattr(self._session, "_sess", None), "run", None))
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self._output_names
-        if self._engine_run is not None:
+        if self._engine_binding:
             try:
-                values = self._engine_run(names, feeds, None)
-            except TypeError:  # feeds of a kind the binding does not take: let the public API say why
+                values = self._session._sess.run(names, feeds, None)
+            except TypeError:  # feeds the binding does not take (refused before running): the public API says why
                 values = self._session.run(names, feeds)
         else:
             values = self._session.run(names, feeds)

@@ -30,9 +30,10 @@ def check_contract(candidate: LoadedModel, active: LoadedModel | None) -> None:
             got = have.get(spec.name)
             if got is None:
                 raise UpdateRejected("contract", f"the new model has no {kind} {spec.name!r}")
-            if got.dtype != spec.dtype or len(got.shape) != len(spec.shape) or any(
+            ranks_known = got.rank_known and spec.rank_known  # (an undeclared rank is not held to one)
+            if got.dtype != spec.dtype or ranks_known and (len(got.shape) != len(spec.shape) or any(
                 a is not None and b is not None and a != b for a, b in zip(got.shape, spec.shape, strict=True)
-            ):
+            )):
                 raise UpdateRejected(
                     "contract",
                     f"{kind} {spec.name!r} changed from {spec.dtype.name}{list(spec.shape)} "

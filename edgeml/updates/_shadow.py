@@ -9,7 +9,9 @@ worker sleeps so that the shadow uses at most ``cpu_share`` of one core. Statist
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
+import math
 import threading
 import time
 from typing import Any
@@ -59,12 +61,11 @@ class ShadowRunner:
     def __init__(self, model: LoadedModel, *, sample_rate: float, cpu_share: float, queue_size: int = 256) -> None:
         self.model = model
         self.sample_rate = min(max(sample_rate, 0.0), 1.0)
-        self._credit = 0.0  # grows by sample_rate per prediction; each whole unit is one sample
+        self._counter = itertools.count(1)  # atomic under the GIL: offer() runs on every caller's thread
         self.cpu_share = cpu_share
         self._queue: collections.deque[tuple[dict[str, np.ndarray], LoadedModel, dict[str, Any], float]] = (
             collections.deque(maxlen=queue_size)
         )
-        self._count = 0
         self._lock = threading.Lock()
         self._stats = ShadowStats()
         self._busy = False  # set before an item leaves the queue, cleared once it is counted
@@ -75,11 +76,11 @@ class ShadowRunner:
 
     # predict path: a counter and, for sampled requests, one append
     def offer(self, feeds: dict[str, np.ndarray], primary: LoadedModel, outputs: dict[str, Any], latency_us: float) -> None:
-        self._count += 1
-        self._credit += self.sample_rate
-        if self._credit < 1.0 - 1e-9:  # (the tolerance: ten additions of 0.1 make one sample)
+        n, rate = next(self._counter), self.sample_rate
+        # prediction n is sampled when floor(n * rate) moves: exactly floor(N * rate) of the first N
+        # (the tolerance: 10 * 0.1 must count as 1)
+        if math.floor(n * rate + 1e-9) == math.floor((n - 1) * rate + 1e-9):
             return
-        self._credit -= 1.0
         if len(self._queue) == self._queue.maxlen:
             self._stats.skipped += 1
             return
