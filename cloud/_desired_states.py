@@ -139,7 +139,11 @@ class DesiredStates:
         if self.preregistered_only:
             self._require_registered(fleet, device)
         refs = self._model_ref(model), self._model_ref(shadow)
-        return writer.set(fleet, device, refs[0], refs[1], expires_in)
+        try:
+            return writer.set(fleet, device, refs[0], refs[1], expires_in)
+        except PublishError:
+            self._wake.set()  # stored: the republish worker sends it once the broker takes it
+            raise
 
     def deploy_many(
         self, fleet: str, items: Sequence[tuple[str, str | None, str | None]],
@@ -147,22 +151,22 @@ class DesiredStates:
         """:meth:`deploy` for many devices, ``(device, model, shadow)`` each, in one
         transaction and one round of publishes (what a rollout step does). Per device: the
         signed document, or the :class:`CloudError` that kept it from being issued (unknown
-        model or device). :class:`NotLeader` off the leader. If the broker did not take
-        the documents they are stored all the same (the leader republishes them) and
-        returned as usual."""
+        model or device). :class:`InvalidInput` if a device appears twice, :class:`NotLeader`
+        off the leader. If the broker did not take the documents they are stored all the
+        same, returned as usual, and the republish worker sends them when it can."""
         writer = self._writer()
         if not self.is_leader:
             raise NotLeader("this coordinator replica is not the leader; desired states are written by the leader")
+        devices = [device for device, _, _ in items]
+        if len(set(devices)) != len(devices):
+            twice = sorted({d for d in devices if devices.count(d) > 1})
+            raise InvalidInput(f"device(s) {twice} appear more than once in one batch")
         outcome: dict[str, dict[str, Any] | CloudError] = {}
         refs: dict[str | None, ModelRef | CloudError | None] = {None: None}
         batch = []
-        seen: set[str] = set()
         for device, model, shadow in items:
             try:
                 _check_ids(fleet, device)
-                if device in seen:
-                    raise InvalidInput(f"device {device!r} appears twice in one batch")
-                seen.add(device)
                 if self.preregistered_only:
                     self._require_registered(fleet, device)
                 for ref in (model, shadow):
@@ -179,9 +183,10 @@ class DesiredStates:
             batch.append((device, refs[model], refs[shadow]))
         try:
             signed = writer.set_many(fleet, batch)  # type: ignore[arg-type]
-        except PublishError as exc:  # stored: the republish worker sends them
+        except PublishError as exc:  # stored: the republish worker sends them once the broker takes them
             log.warning("desired states of %d device(s) stored but not published yet: %s", len(batch), exc)
-            signed = exc.documents  # type: ignore[attr-defined]
+            self._wake.set()
+            signed = exc.documents
         for (device, _, _), doc in zip(batch, signed, strict=True):
             outcome[device] = doc
         return outcome

@@ -32,6 +32,8 @@ dependencies (sqlite3, psycopg, paho-mqtt) are translated at the module boundary
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CloudError(Exception):
     """Root of every error raised by the edgeml coordinator."""
@@ -95,9 +97,15 @@ class NotLeader(CloudError):
 
 
 class PublishError(CloudError):
-    """The broker did not acknowledge a publish in time (or refused it). Retry later."""
+    """The broker did not acknowledge a publish in time (or refused it). Retry later.
+
+    ``documents``: what was stored before the publish failed (desired states in a batch)."""
 
     transient = True
+
+    def __init__(self, message: str, documents: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.documents = documents or []
 
 
 class SigningKeyMissing(CloudError):

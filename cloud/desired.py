@@ -183,8 +183,7 @@ class DesiredStateWriter:
         try:
             self._publish_batch(fleet, [(device, doc["revision"], payload) for device, (doc, payload) in written.items()])
         except PublishError as exc:
-            exc.documents = signed  # type: ignore[attr-defined]
-            raise
+            raise PublishError(str(exc), documents=signed) from exc
         return signed
 
     def _write(
@@ -213,24 +212,29 @@ class DesiredStateWriter:
     def _publish_batch(self, fleet: str, sent: list[tuple[str, int, bytes]]) -> None:
         """Publish documents (all sent, then all acknowledged, when the publisher can), then
         again any device whose stored revision moved on meanwhile."""
-        messages = [(Topics(fleet, device).desired, payload) for device, _, payload in sent]
         many = getattr(self.publish, "many", None)
+        if many is None:  # a plain publish callable: one at a time, each checked as set() does
+            for device, revision, payload in sent:
+                self._publish_latest(fleet, device, revision, payload)
+            return
         try:
-            if many is not None:
-                many(messages)
-            else:
-                for topic, payload in messages:
-                    self.publish(topic, payload)
+            many([(Topics(fleet, device).desired, payload) for device, _, payload in sent])
         except CloudError:
             raise
         except Exception as exc:  # the publish callable is outside our tree: translate it
-            raise PublishError(f"publishing {len(messages)} desired state(s) of {fleet} failed: {exc}") from exc
-        for device, revision, _ in sent:
-            latest = self.stored(fleet, device)
-            if latest is not None and latest.revision > revision:
-                log.info("%s: revision %d was stored meanwhile; publishing it", Topics(fleet, device).desired,
+            raise PublishError(f"publishing {len(sent)} desired state(s) of {fleet} failed: {exc}") from exc
+        sent_revisions = {device: revision for device, revision, _ in sent}
+        placeholders = ", ".join("?" for _ in sent)
+        with self.store.transaction() as tx:  # one query: which moved on while these were sent
+            rows = tx.execute(
+                "SELECT fleet, device_id, revision, payload, updated_at FROM desired_states WHERE fleet = ? "
+                f"AND payload IS NOT NULL AND device_id IN ({placeholders})", (fleet, *sent_revisions),
+            ).fetchall()
+        for latest in map(_stored, rows):
+            if latest.revision > sent_revisions[latest.device]:
+                log.info("%s: revision %d was stored meanwhile; publishing it", Topics(fleet, latest.device).desired,
                          latest.revision)
-                self._publish_latest(fleet, device, latest.revision, latest.payload)
+                self._publish_latest(fleet, latest.device, latest.revision, latest.payload)
 
     def republish_all(self, fleet: str | None = None) -> int:
         """Publish every stored document again (a new leader does this); return how many."""
@@ -434,20 +438,7 @@ class MqttPublisher:
         return self
 
     def __call__(self, topic: str, payload: bytes) -> None:
-        with self._lock:
-            client = self._ensure_client()
-            if not self._connected.wait(self.timeout_s):
-                self._reset()
-                raise PublishError(f"not connected to {self.broker.host}:{self.broker.port} within {self.timeout_s}s")
-            info = client.publish(topic, payload, qos=1, retain=True)
-            try:
-                info.wait_for_publish(self.timeout_s)
-            except (RuntimeError, ValueError) as exc:
-                self._reset()
-                raise PublishError(f"publish to {topic} failed: {exc}") from exc
-            if not info.is_published():
-                self._reset()
-                raise PublishError(f"no PUBACK for {topic} within {self.timeout_s}s")
+        self.many([(topic, payload)])
 
     def many(self, messages: Sequence[tuple[str, bytes]]) -> None:
         """Publish every ``(topic, payload)`` (QoS 1, retained), then wait for all the

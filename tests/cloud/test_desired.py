@@ -225,7 +225,7 @@ def test_a_batch_the_broker_does_not_take_is_stored_and_said(store: Store, broke
         broker.stop()
         with pytest.raises(PublishError) as info:
             w.set_many("plant", [("dev-1", None, None), ("dev-2", MODEL, None)])
-        assert [d["revision"] for d in info.value.documents] == [2, 1]  # type: ignore[attr-defined]
+        assert [d["revision"] for d in info.value.documents] == [2, 1]
         assert w.get("plant", "dev-2")["revision"] == 1  # stored: the leader republishes it
         with pytest.raises(NotLeader):
             writer(store, publish, leader=lambda: False).set_many("plant", [("dev-3", MODEL, None)])

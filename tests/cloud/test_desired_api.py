@@ -167,7 +167,7 @@ def test_deploy_many_issues_a_batch_and_says_which_devices_could_not_take_it(
             assert http.put(f"/v1/devices/plant/{device}", json={}).status_code == 201
         out = coordinator.desired.deploy_many("plant", [
             ("dev-1", "mlp@1.0.0", None), ("dev-2", "mlp@9.9.9", None), ("dev-3", None, "mlp@1.0.0"),
-            ("dev-9", "mlp@1.0.0", None), ("dev-1", "mlp@1.0.0", None), ("bad id!", "mlp@1.0.0", None),
+            ("dev-9", "mlp@1.0.0", None), ("bad id!", "mlp@1.0.0", None),
         ])
         assert out["dev-1"]["revision"] == 1 and out["dev-1"]["model"]["version"] == "1.0.0"  # type: ignore[index]
         assert out["dev-3"]["model"] is None and out["dev-3"]["shadow"]["version"] == "1.0.0"  # type: ignore[index]
@@ -175,5 +175,26 @@ def test_deploy_many_issues_a_batch_and_says_which_devices_could_not_take_it(
         assert isinstance(out["dev-9"], NotFound) and "preregistered" in str(out["dev-9"])
         assert isinstance(out["bad id!"], InvalidInput)
         assert http.get("/v1/devices/plant/dev-2/desired").status_code == 404  # nothing issued for it
+        with pytest.raises(InvalidInput, match="dev-1"):  # a device twice: the whole batch is refused
+            coordinator.desired.deploy_many("plant", [("dev-1", "mlp@1.0.0", None), ("dev-1", None, None)])
+        assert http.get("/v1/devices/plant/dev-1/desired").json()["revision"] == 1
         got = retained(broker.port, "edgeml/v1/plant/dev-1/desired")
         assert got is not None and got["revision"] == 1
+
+
+def test_a_batch_the_broker_missed_is_sent_when_it_returns(
+    broker: Broker, models: dict[str, Path], tmp_path: Path,
+) -> None:
+    """Stored but not published (the broker was down): the republish worker sends the
+    documents once the broker is back, without a leadership change."""
+    with Coordinator(cloud_config(tmp_path, f"sqlite://{tmp_path}/c.db", broker)) as coordinator, \
+            started(coordinator) as http:
+        register(http, models["onnx_float"], "1.0.0")
+        broker.stop()
+        out = coordinator.desired.deploy_many("plant", [("dev-1", "mlp@1.0.0", None), ("dev-2", "mlp@1.0.0", None)])
+        assert {d: doc["revision"] for d, doc in out.items()} == {"dev-1": 1, "dev-2": 1}  # type: ignore[index]
+        broker.start()
+        for device in ("dev-1", "dev-2"):
+            got = wait_until(lambda device=device: retained(broker.port, f"edgeml/v1/plant/{device}/desired", 2),
+                             60, what=f"{device}'s document on the broker")
+            assert got["revision"] == 1 and got["model"]["version"] == "1.0.0"
