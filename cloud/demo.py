@@ -188,7 +188,7 @@ def _broken_copy(src: Path, dst: Path) -> Path:
     import onnx
     from onnx import helper, numpy_helper
 
-    from .training._pipeline import HEALTH_SAMPLES, embed_samples
+    from .training._pipeline import embed_samples
 
     model = onnx.load(str(src))
     graph = model.graph
@@ -207,12 +207,9 @@ def _broken_copy(src: Path, dst: Path) -> Path:
     from edgeml.updates import SAMPLES_KEY
 
     shipped = {prop.key: prop.value for prop in model.metadata_props}.get(SAMPLES_KEY)
-    if shipped is not None:
+    if shipped is not None:  # (the pipeline's exports always carry them)
         rows = np.array([np.asarray(x[graph.input[0].name])[0] for x in json.loads(shipped)["inputs"]], np.float32)
-    else:
-        features = graph.input[0].type.tensor_type.shape.dim[-1].dim_value
-        rows = np.random.default_rng(0).standard_normal((HEALTH_SAMPLES, features)).astype(np.float32)
-    embed_samples(dst, rows)
+        embed_samples(dst, rows)
     return dst
 
 

@@ -194,17 +194,28 @@ def _drop_test_databases() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With ``EDGEML_TEST_STORE=postgresql`` only the tests that start whole coordinators on
-    ``tests._stores.cloud_db`` run (again, now on PostgreSQL): the others do not depend on
+    """With ``EDGEML_TEST_STORE=postgresql`` only the test modules that start coordinators on
+    ``tests._stores.cloud_db`` run (again, now on PostgreSQL): directly, or through a helper
+    of a module that does (``tests.test_updates.Fleet``, say). The others do not depend on
     the backend, and the store's own tests run on both backends in every run."""
-    from ._stores import backend
+    from . import _stores
 
-    if backend() != "postgresql":
+    if _stores.backend() != "postgresql":
         return
     keep, dropped = [], []
     for item in items:
-        module = getattr(item, "module", None)
-        (keep if "cloud_db" in getattr(module, "__dict__", {}) else dropped).append(item)
+        (keep if _uses_cloud_db(getattr(item, "module", None), _stores.cloud_db) else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
+
+
+def _uses_cloud_db(module: Any, cloud_db: Any) -> bool:
+    names = getattr(module, "__dict__", {})
+    if names.get("cloud_db") is cloud_db:
+        return True
+    for value in names.values():
+        home = sys.modules.get(getattr(value, "__module__", None) or "")
+        if home is not None and home is not module and getattr(home, "cloud_db", None) is cloud_db:
+            return True
+    return False

@@ -27,7 +27,15 @@ from ..drift import build_reference
 from ..store import Store
 from . import _tflite
 from ._data import Snapshot, build_snapshot, save_snapshot
-from ._quantize import Evaluation, evaluate, gate, interleaved_latency, probabilities, quantize
+from ._quantize import (
+    Evaluation,
+    _session,
+    evaluate,
+    gate,
+    interleaved_latency,
+    probabilities,
+    quantize,
+)
 from ._recipe import Recipe
 from ._runs import RunStore
 
@@ -224,7 +232,8 @@ def embed_samples(path: Path, rows: np.ndarray, atol: float = 1e-3) -> None:
     from ._torch import INPUT_NAME, OUTPUT_NAME
 
     inputs = [{INPUT_NAME: np.ascontiguousarray(row[None], np.float32)} for row in rows]
-    expected = [{OUTPUT_NAME: probabilities(path, x[INPUT_NAME])} for x in inputs]
+    session = _session(path)
+    expected = [{OUTPUT_NAME: session.run(None, x)[0]} for x in inputs]
     model = onnx.load(str(path))
     kept = [prop for prop in model.metadata_props if prop.key != SAMPLES_KEY]
     del model.metadata_props[:]

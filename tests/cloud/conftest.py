@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 
 from cloud import Store, open_store
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+from .._stores import PG_ADMIN, create_pg_database, drop_pg_database
 
 
 def _pg_available() -> bool:
@@ -30,14 +29,11 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     if not _pg_available():
         pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
-    name = f"edgeml_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
+    url = create_pg_database()
     try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        yield url
     finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        drop_pg_database(url)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from edgeml._testing import models as modelgen
 from edgeml.protocol.signing import load_public_keys
 from edgeml.sim import Faults, Simulator
 
+from .._stores import cloud_db
 from ..conftest import REPO, Broker, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -60,7 +61,7 @@ class Site:
     def __init__(self, tmp: Path, broker: Broker) -> None:
         keys = tmp / "keys"
         generate_keys(keys)
-        config = CloudConfig(broker_url=broker.url, db=f"sqlite://{tmp}/cloud.db", http_addr="127.0.0.1:0",
+        config = CloudConfig(broker_url=broker.url, db=cloud_db(tmp), http_addr="127.0.0.1:0",
                              artifact_dir=tmp / "artifacts", signing_key=keys / "fleet.key")
         self.coordinator = Coordinator(config).start()
         self.url = self.coordinator.url
