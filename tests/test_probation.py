@@ -4,8 +4,6 @@ tests/test_updates.py; here: the error rate, and a crash loop of the agent proce
 
 from __future__ import annotations
 
-import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from edgeml._exceptions import ModelError
 from edgeml._testing import models as modelgen
 
 from .conftest import Broker, Collector, wait_until
+from .test_update_crashes import update_state
 from .test_updates import Fleet, X, agent_settings, finished, make_agent, reported
 
 BATCH_8 = np.random.default_rng(5).standard_normal((8, 4)).astype(np.float32)
@@ -27,16 +26,6 @@ def fleet(broker: Broker, tmp_path: Path):
     f = Fleet(tmp_path / "cloud", broker)
     yield f
     f.close()
-
-
-def update_record(data: Path) -> dict[str, Any]:
-    """The update record the agent persisted (read beside the running agent: WAL)."""
-    conn = sqlite3.connect(data / "updates.db")
-    try:
-        row = conn.execute("SELECT doc FROM current").fetchone()
-    finally:
-        conn.close()
-    return json.loads(row[0]) if row else {"state": "idle"}
 
 
 def test_errors_in_service_roll_back_with_reason_error_rate(
@@ -90,7 +79,7 @@ def test_a_crash_loop_during_probation_rolls_back_on_restart(
     doc = fleet.deploy("mlp@2.0.0")
 
     def on_probation(crashes: int) -> bool:
-        record = update_record(data)
+        record = update_state(data)
         return (record["state"] == "probation" and record["crashes"] == crashes
                 and bool(record["extra"].get("entered")))
 
@@ -107,7 +96,7 @@ def test_a_crash_loop_during_probation_rolls_back_on_restart(
     assert status["model"]["version"] == "1.0.0"
     answer = httpx.post(f"http://{agent.api_addr}/v1/predict", json={"inputs": {"input": X.tolist()}}, timeout=5)
     assert answer.status_code == 200 and answer.json()["version"] == "1.0.0"
-    record = update_record(data)
+    record = update_state(data)
     assert (record["state"], record["result"], record["reason"], record["crashes"]) == (
         "idle", "rolled_back", "crash_loop", 2)
     wait_until(lambda: reported(collector).update.reason == "crash_loop", 10, what="reported rollback")
