@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-import pytest
 
 from edgeml._exceptions import ModelError
 from edgeml._testing import models as modelgen
@@ -17,15 +16,10 @@ from edgeml._testing import models as modelgen
 from .conftest import Broker, Collector, wait_until
 from .test_update_crashes import update_state
 from .test_updates import Fleet, X, agent_settings, finished, make_agent, reported
+from .test_updates import fleet as fleet  # noqa: F401 - the coordinator fixture
 
 BATCH_8 = np.random.default_rng(5).standard_normal((8, 4)).astype(np.float32)
 
-
-@pytest.fixture
-def fleet(broker: Broker, tmp_path: Path):
-    f = Fleet(tmp_path / "cloud", broker)
-    yield f
-    f.close()
 
 
 def test_errors_in_service_roll_back_with_reason_error_rate(

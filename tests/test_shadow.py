@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +17,10 @@ from edgeml.updates._shadow import ShadowRunner
 
 from .conftest import Broker, wait_until
 from .test_updates import Fleet, X, make_agent
+from .test_updates import fleet as fleet  # noqa: F401 - the coordinator fixture
 
 BATCH_8 = np.random.default_rng(8).standard_normal((8, 4)).astype(np.float32)
 
-
-@pytest.fixture
-def fleet(broker: Broker, tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(tmp_path / "cloud", broker)
-    yield f
-    f.close()
 
 
 @pytest.fixture

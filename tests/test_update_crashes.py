@@ -28,13 +28,7 @@ from edgeml.updates import CRASH_AT_ENV
 from ._reports import boot_seq, chain, clear_retained, retained, settle, update_events
 from .conftest import Broker, Collector, wait_until
 from .test_updates import TOPICS, Fleet, agent_settings
-
-
-@pytest.fixture
-def fleet(broker: Broker, tmp_path: Path):
-    f = Fleet(tmp_path / "cloud", broker)
-    yield f
-    f.close()
+from .test_updates import fleet as fleet  # noqa: F401 - the coordinator fixture
 
 
 @pytest.fixture
