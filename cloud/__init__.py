@@ -28,6 +28,7 @@ from ._exceptions import (
     PublishError,
     SigningKeyMissing,
     StoreError,
+    Unstorable,
 )
 from .coordinator import Coordinator
 from .ingest import IngestConfig, Ingestor, IngestStats
@@ -52,6 +53,7 @@ __all__ = [
     "SigningKeyMissing",
     "Store",
     "StoreError",
+    "Unstorable",
     "load_cloud_config",
     "open_store",
 ]

@@ -9,6 +9,7 @@ dependencies (sqlite3, psycopg, paho-mqtt) are translated at the module boundary
     ├── StoreError         the store failed (database down, locked, disk full); transient
     │   ├── NotFound       no such row (a device that was never registered)
     │   ├── Conflict       a write contradicts what is stored
+    │   ├── Unstorable     a value no store can keep (a NUL character, a lone surrogate); HTTP 400
     │   └── MigrationError a schema migration failed; fatal
     ├── IngestError        the ingestor cannot run (broker refused, not started)
     │   └── PoisonMessage  one message is unusable; ``reason`` names why (counted, acked, skipped)
@@ -59,6 +60,14 @@ class NotFound(StoreError):
 
 class Conflict(StoreError):
     """The write contradicts what is stored."""
+
+    transient = False
+
+
+class Unstorable(StoreError):
+    """A value the store cannot keep: a string holding a NUL character (``\\u0000``,
+    which PostgreSQL's text and jsonb refuse) or a lone UTF-16 surrogate (not UTF-8).
+    Refused on either store, so SQLite and PostgreSQL answer alike."""
 
     transient = False
 

@@ -20,6 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 from edgeml.protocol import PROTOCOL_VERSION, Status, TelemetryRecord, check_id, parse_topic
 
 from ._exceptions import PoisonMessage
+from ._text import has_nul
 from .store import TelemetryBatchIn
 
 # Counter names of rejected messages (``ingest_errors.reason``).
@@ -61,7 +62,7 @@ def load_object(payload: bytes, limit: int) -> dict[str, Any]:
     # What the store could not write would fail its flush forever (or kill the writer):
     if payload.count(b"[") + payload.count(b"{") > _FEW_BRACKETS and not _writable(doc):
         raise PoisonMessage(WRONG_SCHEMA, "nested deeper than the store writes (orjson: 254 levels)")
-    if b"\\u0000" in payload and _has_nul(doc):  # PostgreSQL cannot store it
+    if b"\\u0000" in payload and has_nul(doc):  # PostgreSQL cannot store it
         raise PoisonMessage(WRONG_SCHEMA, "a string holds a NUL character (\\u0000)")
     return doc
 
@@ -76,16 +77,6 @@ def _writable(doc: dict[str, Any]) -> bool:
     except orjson.JSONEncodeError:
         return False
     return True
-
-
-def _has_nul(value: Any) -> bool:
-    if type(value) is str:
-        return "\x00" in value
-    if type(value) is dict:
-        return any("\x00" in k or _has_nul(v) for k, v in value.items())
-    if type(value) is list:
-        return any(_has_nul(v) for v in value)
-    return False
 
 
 def telemetry(fleet: str, device: str, payload: bytes, *, limit: int, full: bool = False) -> TelemetryBatchIn:

@@ -31,6 +31,7 @@ from .._exceptions import (
     RangeNotSatisfiable,
     SigningKeyMissing,
     StoreError,
+    Unstorable,
 )
 
 #: (error class, HTTP status), most specific first.
@@ -43,6 +44,7 @@ STATUS: tuple[tuple[type[CloudError], int], ...] = (
     (PolicyError, 400),  # rollouts: a bad policy or selector
     (InvalidTransition, 409),  # rollouts: the action does not fit the rollout's state
     (InvalidInput, 400),
+    (Unstorable, 400),  # before StoreError: bad input, not a database outage
     (InvalidDigest, 400),
     (RangeNotSatisfiable, 416),
     (PublishError, 503),  # the broker is down: the document is stored, retry to publish it

@@ -35,7 +35,8 @@ from typing import Any
 
 import orjson
 
-from .._exceptions import Conflict, NotFound, StoreError
+from .._exceptions import Conflict, NotFound, StoreError, Unstorable
+from .._text import has_nul
 from ._migrations import Migrations
 from ._models import (
     Device,
@@ -60,7 +61,15 @@ _DEVICE_COLUMNS = (
 
 
 def _json_in(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    if value is None:
+        return None
+    try:
+        text = orjson.dumps(value).decode()
+    except orjson.JSONEncodeError as exc:  # a lone surrogate, a value JSON cannot hold
+        raise Unstorable(f"not storable as JSON: {exc}") from exc
+    if "\\u0000" in text and has_nul(value):  # PostgreSQL's jsonb refuses it: refused on both stores
+        raise Unstorable("a string holds a NUL character (\\u0000)")
+    return text
 
 
 def _json_out(value: Any) -> Any:
@@ -536,6 +545,8 @@ class Store(ABC):
                 self._end(conn, commit=True)
         except self.driver_errors as exc:
             raise self._translate(exc) from exc
+        except UnicodeEncodeError as exc:  # a lone surrogate in a bound string
+            raise Unstorable(f"{self.dialect} store: a string is not valid UTF-8 ({exc.reason})") from exc
 
     def close(self) -> None:
         self._pool.close()

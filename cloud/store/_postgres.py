@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from .._exceptions import Conflict, StoreError
+from .._exceptions import Conflict, StoreError, Unstorable
 from ._base import Store, StreamKey, Transaction
 
 
@@ -127,4 +127,7 @@ class PostgresStore(Store):
     def _translate(self, exc: BaseException) -> StoreError:
         if isinstance(exc, psycopg.errors.IntegrityError):
             return Conflict(f"postgresql store: {exc}")
+        if isinstance(exc, psycopg.errors.UntranslatableCharacter) or (
+                isinstance(exc, psycopg.DataError) and "NUL" in str(exc)):
+            return Unstorable(f"postgresql store: a string holds a NUL character ({str(exc).splitlines()[0]})")
         return StoreError(f"postgresql store: {exc}")

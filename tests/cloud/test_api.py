@@ -97,6 +97,12 @@ def test_devices_preregister_list_show_with_counters(client: httpx.Client, store
     assert client.put("/v1/devices/plant/dev-3", json={"colour": "red"}).status_code == 400
     bad = client.put("/v1/devices/plant/dev-3", json={"tags": "not an object"})
     assert bad.status_code == 400 and "tags" in bad.json()["detail"]
+    # A NUL character (PostgreSQL's jsonb refuses it): bad input on either store, nothing written
+    nul = client.put("/v1/devices/plant/dev-1", content=b'{"tags": {"site": "a\\u0000b"}}',
+                     headers={"content-type": "application/json"})
+    assert (nul.status_code, nul.json()["error"]) == (400, "Unstorable"), nul.text
+    assert "NUL" in nul.json()["detail"] and "Retry-After" not in nul.headers
+    assert client.get("/v1/devices/plant/dev-1").json()["tags"] == {"site": "paris"}
 
 
 def test_telemetry_and_events_queries(client: httpx.Client, store: Store) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 
 import pytest
 
-from cloud import ConfigError, NotFound, Store, open_store
+from cloud import ConfigError, NotFound, Store, Unstorable, open_store
 from cloud.store import MIGRATIONS, StreamCounters, TelemetryBatchIn
 
 
@@ -215,6 +215,26 @@ def test_devices(store: Store) -> None:
     store.upsert_device("g", "x")
     assert [x.device_id for x in store.list_devices()] == ["d", "x"]
     assert [x.device_id for x in store.list_devices("g")] == ["x"]
+
+
+def test_values_no_store_can_keep_are_refused_alike(store: Store) -> None:
+    """A NUL character in JSON (PostgreSQL's jsonb refuses it) and a lone surrogate (not
+    UTF-8) are Unstorable on both backends: bad input (HTTP 400), not a database outage."""
+    store.upsert_device("f", "d", tags={"site": "a"}, hardware_profile="rpi4")
+    for tags in ({"site": "a\x00b"}, {"\x00": "x"}, {"site": ["ok", {"deep": "\x00"}]}, {"site": "\ud800"}):
+        with pytest.raises(Unstorable):
+            store.upsert_device("f", "d", tags=tags)
+    with pytest.raises(Unstorable):
+        store.upsert_device("f", "d", hardware_profile="rpi\udfff")
+    with pytest.raises(Unstorable), store.transaction(write=True) as tx:
+        tx.set_reported_state("f", "d", {"model": "m\x00"})
+    store.upsert_device("f", "d", tags={"path": "C:\\u0000"})  # a backslash then "u0000": no NUL, kept
+    d = store.get_device("f", "d")
+    assert (d.tags, d.hardware_profile) == ({"path": "C:\\u0000"}, "rpi4")
+    if store.dialect == "postgresql":  # its text type refuses NUL too (SQLite keeps it)
+        with pytest.raises(Unstorable):
+            store.upsert_device("f", "d", hardware_profile="rpi\x004")
+    assert store.get_device("f", "d").hardware_profile in ("rpi4", "rpi\x004")
 
 
 def test_errors_are_counted_and_the_last_kept(store: Store) -> None:
