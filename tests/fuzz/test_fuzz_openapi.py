@@ -27,7 +27,7 @@ from edgeml._testing import models as modelgen
 from .._stores import cloud_db
 from ..cloud.test_coordinator import cloud_config
 from ..conftest import Broker, wait_until
-from ._fuzz import EXAMPLES
+from ._fuzz import DERANDOMIZE, EXAMPLES
 
 #: A stream answers for up to 30 s: not something to fuzz request by request.
 SLOW_ROUTES = ["/v1/stream"]
@@ -78,7 +78,7 @@ def test_no_request_makes_the_api_fail(api_schema: Any, served: tuple[str, str, 
     def fuzz(operation: Any, name: str) -> Any:
         @given(case=operation.as_strategy(), who=st.sampled_from(["admin", "admin", "admin", "viewer", "nobody",
                                                                    "forged"]))
-        @settings(max_examples=max(5, EXAMPLES // 12), deadline=None, database=None,
+        @settings(max_examples=max(5, EXAMPLES // 12), deadline=None, database=None, derandomize=DERANDOMIZE,
                   suppress_health_check=list(HealthCheck))
         def call(case: Any, who: str) -> None:
             response = case.call_and_validate(headers=callers[who], checks=[not_a_server_error])
