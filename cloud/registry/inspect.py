@@ -134,40 +134,55 @@ def _inspect_onnx(path: Path) -> dict[str, Any]:
         suffix = path.suffix.lower()
         kind = "ONNX model" if suffix == ".onnx" else "model (neither a TFLite flatbuffer nor ONNX)"
         raise InvalidModel(f"{path} is not a valid {kind}: {reason}") from exc
-    graph = model.graph
-    initializers = {t.name for t in graph.initializer}
-    inputs = tuple(_onnx_tensor(v) for v in graph.input if v.name not in initializers)
-    outputs = tuple(_onnx_tensor(v) for v in graph.output)
-    ops = _onnx_ops(model)
+    try:
+        graph = model.graph
+        initializers = {t.name for t in graph.initializer}
+        inputs = tuple(_onnx_tensor(v) for v in graph.input if v.name not in initializers)
+        outputs = tuple(_onnx_tensor(v) for v in graph.output)
+        ops = _onnx_ops(model)
+        metadata = {_text(p.key, "a metadata key"): _text(p.value, "a metadata value") for p in model.metadata_props}
+        producer = " ".join(_text(p, "the producer") for p in (model.producer_name, model.producer_version) if p)
+    except _NotText as exc:  # ONNX is proto2: a string field that is not UTF-8 reads as bytes
+        raise InvalidModel(f"{path} is not a valid ONNX model: {exc} is not UTF-8 text") from exc
     dynamic = bool(ops & _ONNX_DYNAMIC_OPS)
     static = bool(ops & _ONNX_STATIC_OPS) or any(op.startswith("QLinear") for op in ops)
     io_int8 = any(t.dtype in _INT8 for t in inputs + outputs)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    producer = " ".join(p for p in (model.producer_name, model.producer_version) if p) or None
     return {
         "format": "onnx",
         "runtime": "onnx",
         "inputs": inputs,
         "outputs": outputs,
         "quantization": _classify(io_int8, static, dynamic),
-        "metadata": {p.key: p.value for p in model.metadata_props},
+        "metadata": metadata,
         "operators": tuple(sorted(ops)),
         "opset": opset,
-        "producer": producer,
+        "producer": producer or None,
     }
+
+
+class _NotText(ValueError):
+    """A string field of an ONNX file that holds bytes that are not UTF-8; names the field."""
+
+
+def _text(value: str | bytes, what: str) -> str:
+    if isinstance(value, bytes):
+        raise _NotText(what)
+    return value
 
 
 def _onnx_tensor(value: Any) -> TensorFacts:
     kind = value.type.WhichOneof("value")
+    name = _text(value.name, "an input or output name")
     if kind != "tensor_type":
-        return TensorFacts(name=value.name, shape=None, dtype=(kind or "unknown").removesuffix("_type"))
+        return TensorFacts(name=name, shape=None, dtype=(kind or "unknown").removesuffix("_type"))
     tensor = value.type.tensor_type
     shape = None
     if tensor.HasField("shape"):
         shape = tuple(
             d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim
         )
-    return TensorFacts(name=value.name, shape=shape, dtype=_onnx_dtype(tensor.elem_type))
+    return TensorFacts(name=name, shape=shape, dtype=_onnx_dtype(tensor.elem_type))
 
 
 def _onnx_dtype(elem_type: int) -> str:
@@ -187,7 +202,7 @@ def _onnx_ops(model: Any) -> set[str]:
     while pending:
         graph = pending.pop()
         for node in graph.node:
-            ops.add(node.op_type)
+            ops.add(_text(node.op_type, "an operator type"))
             for attr in node.attribute:
                 pending.extend([attr.g] if attr.HasField("g") else [])
                 pending.extend(attr.graphs)

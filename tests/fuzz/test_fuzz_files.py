@@ -48,6 +48,21 @@ def test_mangled_models_are_invalid_models(model_bytes: dict[str, bytes], tmp_pa
     inspect()
 
 
+@pytest.mark.parametrize("field", [b"edgeml._testing", b"edgeml.version", b"Gemm", b"input"])
+def test_a_string_field_that_is_not_utf8_is_an_invalid_model(
+    model_bytes: dict[str, bytes], tmp_path: Path, field: bytes,
+) -> None:
+    """Found by the property above: ONNX is proto2, so a string field holding bytes that
+    are not UTF-8 (here its first byte made 0x80) reads as ``bytes``, which escaped as a
+    TypeError (the producer) or would have been stored as a name."""
+    raw = model_bytes["onnx_float"]
+    assert raw.count(field) >= 1
+    path = tmp_path / "m.onnx"
+    path.write_bytes(raw.replace(field, b"\x80" + field[1:]))
+    with pytest.raises(InvalidModel, match="(?i)utf-8"):  # the checker or our reader says which
+        inspect_model(path)
+
+
 @given(text=st.text(max_size=200) | st.builds(json.dumps, json_values))
 @example(text="[]")  # a list: AttributeError escaped from the pointer reader
 @FUZZ
