@@ -529,8 +529,11 @@ class TelemetryBuffer:
         """Checkpoint the WAL and give free pages back to the file system."""
         with self._lock:
             try:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                self._conn.execute("PRAGMA incremental_vacuum")
+                # the pragma frees one page per step and execute() steps once (fetching
+                # yields no row either); executescript() steps it to the end
+                self._conn.executescript("PRAGMA incremental_vacuum;")
+                # then the checkpoint writes the shorter database back and empties the WAL
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             except sqlite3.Error as exc:
                 log.warning("telemetry buffer housekeeping failed: %s", exc)
 

@@ -183,3 +183,22 @@ def test_a_record_that_cannot_be_encoded_does_not_sink_the_flush(tmp_path: Path)
         assert buf.stats().records == 4
     finally:
         buf.close()
+
+
+def test_housekeeping_gives_the_space_of_dropped_records_back(tmp_path: Path) -> None:
+    """Well past a small budget, the file (and WAL) shrink back to a few times the budget."""
+    path = tmp_path / "t.db"
+    budget = 256 * 1024
+    with TelemetryBuffer(path, max_bytes=budget, segment_max_records=100) as buf:
+        for _ in range(20_000):  # one flush, about 4 MB: the file grows before the budget drops
+            buf.append_prediction("m", "1", 5.0, "probs", OUT)
+        buf.flush()
+        assert buf.stats().dropped["prediction"] > 15_000  # the budget dropped most of it
+        assert buf._conn.execute("PRAGMA freelist_count").fetchone()[0] > 100  # the space is still held
+        buf.housekeeping()
+        assert buf._conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        wal = Path(f"{path}-wal")
+        on_disk = path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+        assert on_disk <= 3 * budget, on_disk
+        assert buf.stats().records == len(_all(buf))  # what the budget kept is still there
+
