@@ -31,6 +31,9 @@ Budget and drop policy
     lowest first, oldest first within a class: ``sample`` < ``prediction`` <
     ``metrics`` < ``event``. Drops are counted per class (in records) in the database
     and reported upstream in every metrics record.
+
+    While the disk refuses writes, records wait in memory, at most ``MEMORY_LIMIT``;
+    the excess goes by the same policy and is counted as ``memory``.
 """
 
 from __future__ import annotations
@@ -399,16 +402,36 @@ class TelemetryBuffer:
             self._conn.execute("ROLLBACK")
 
     def _shed_memory(self) -> None:
-        """While the disk refuses writes, keep at most MEMORY_LIMIT records in memory."""
-        excess = len(self._queue) - MEMORY_LIMIT
-        if excess > 0:
-            for _ in range(excess):
-                self._queue.popleft()
-            self._dropped["memory"] = self._dropped.get("memory", 0) + excess
-            with contextlib.suppress(sqlite3.Error):  # best effort: the disk is refusing writes
-                self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('dropped.memory', ?)",
-                                   (str(self._dropped["memory"]),))
-            log.error("telemetry buffer: disk not writable, dropped %d oldest in-memory records", excess)
+        """While the disk refuses writes, keep at most MEMORY_LIMIT records in memory.
+
+        The excess goes by the budget's policy: lowest priority class first, oldest first
+        within a class; counted as ``dropped["memory"]``."""
+        queue = self._queue
+        n = len(queue)
+        excess = n - MEMORY_LIMIT
+        if excess <= 0:
+            return
+        # popleft/extendleft: appenders only add to the right, so their records stay newest
+        items = [queue.popleft() for _ in range(n)]
+        classes = [1 if item[0] == 1 else PRIORITIES.get(item[2], 0) for item in items]
+        quota: dict[int, int] = {}
+        left = excess
+        for priority in sorted(_CLASS_NAMES):
+            quota[priority] = min(left, classes.count(priority))
+            left -= quota[priority]
+        drops = {_CLASS_NAMES[p]: k for p, k in quota.items() if k}
+        kept = []
+        for item, priority in zip(items, classes, strict=True):
+            if quota[priority]:
+                quota[priority] -= 1
+            else:
+                kept.append(item)
+        queue.extendleft(reversed(kept))
+        self._dropped["memory"] = self._dropped.get("memory", 0) + excess
+        with contextlib.suppress(sqlite3.Error):  # best effort: the disk is refusing writes
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('dropped.memory', ?)",
+                               (str(self._dropped["memory"]),))
+        log.error("telemetry buffer: disk not writable, %d records in memory: dropped %s", MEMORY_LIMIT, drops)
 
     def _enforce_budget(self) -> None:
         """Drop lowest-priority, oldest segments until the buffer fits its budget (lock held)."""

@@ -202,3 +202,27 @@ def test_housekeeping_gives_the_space_of_dropped_records_back(tmp_path: Path) ->
         assert on_disk <= 3 * budget, on_disk
         assert buf.stats().records == len(_all(buf))  # what the budget kept is still there
 
+
+def test_memory_limit_drops_by_priority_when_the_disk_is_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the disk full, the in-memory queue sheds predictions (oldest first) before events."""
+    import edgeml.buffer
+
+    monkeypatch.setattr(edgeml.buffer, "MEMORY_LIMIT", 100)
+    buf = TelemetryBuffer(tmp_path / "t.db")
+    pages = buf._conn.execute("PRAGMA page_count").fetchone()[0]
+    buf._conn.execute(f"PRAGMA max_page_count = {pages + 1}")  # the "disk" is now full
+    for i in range(200):
+        buf.append_prediction("m", "1", float(i), "probs", OUT)  # latency_us marks the order
+        if i % 4 == 0:
+            buf.append("event", {"name": f"e{i}", "level": "info", "message": "", "data": {}})
+    with pytest.raises(StorageError, match="full"):
+        buf.flush()
+    stats = buf.stats()
+    assert stats.pending == 100 and stats.dropped == {"memory": 150}
+    buf._conn.execute("PRAGMA max_page_count = 1073741823")  # space freed
+    assert buf.flush() == 100
+    records = _all(buf)
+    buf.close()
+    assert [r["name"] for r in records if r["kind"] == "event"] == [f"e{i}" for i in range(0, 200, 4)]
+    assert [r["latency_us"] for r in records if r["kind"] == "prediction"] == [float(i) for i in range(150, 200)]
+    assert inspect(tmp_path / "t.db").dropped == {"memory": 150}  # type: ignore[union-attr]
