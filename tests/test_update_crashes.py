@@ -25,6 +25,7 @@ from edgeml._models import sha256_file
 from edgeml.protocol import ReportedState
 from edgeml.updates import CRASH_AT_ENV
 
+from ._protocol import undocumented
 from ._reports import boot_seq, chain, clear_retained, retained, settle, update_events
 from .conftest import Broker, Collector, wait_until
 from .test_updates import TOPICS, Fleet, agent_settings
@@ -176,6 +177,7 @@ def test_kill_at_every_state(
 
 
 def check_reported(state: ReportedState, row: Row, revision: int | None, shas: dict[str, str]) -> None:
+    assert undocumented(state) == [], "fields missing from docs/protocol.md"
     update = state.update
     assert (update.state, update.result, update.reason) == ("idle", row.result, row.reason), update
     assert update.revision == revision and state.applied_revision == revision

@@ -27,6 +27,7 @@ from edgeml.protocol import ReportedState, Topics
 from edgeml.protocol.signing import sign_document
 from edgeml.updates import TRANSITIONS, Event, State
 
+from ._protocol import undocumented
 from ._stores import cloud_db
 from .conftest import Broker, Collector, agent_env, free_port, wait_until
 
@@ -106,7 +107,10 @@ def finished(agent: Agent, revision: int) -> dict[str, Any] | None:
 
 
 def reported(collector: Collector) -> ReportedState:
-    return ReportedState.model_validate(collector.payloads("state")[-1])
+    """The last reported state, validated, with no field the protocol does not name."""
+    state = ReportedState.model_validate(collector.payloads("state")[-1])
+    assert undocumented(state) == [], "fields missing from docs/protocol.md"
+    return state
 
 
 def nan_model(src: Path, dst: Path) -> Path:
@@ -272,7 +276,8 @@ def test_rejections_leave_the_active_model_untouched(
     reasons = {e["data"]["reason"] for e in events}
     assert {"hash_mismatch", "truncated", "contract", "replayed", "expired", "unknown_key", "missing_signature",
             "bad_signature"} <= reasons
-    assert reported(collector).model_extra["last_rejection"]["reason"] == "bad_signature"
+    rejection = reported(collector).last_rejection
+    assert rejection is not None and (rejection.reason, rejection.shadow) == ("bad_signature", False)
 
 
 def test_not_enough_disk_is_refused(broker: Broker, fleet: Fleet, models: dict[str, Path], tmp_path: Path) -> None:

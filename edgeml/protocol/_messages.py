@@ -184,6 +184,16 @@ class UpdateStatus(_Message):
     updated_at: float | None = None
 
 
+class Rejection(_Message):
+    """A desired document, or a shadow model, refused before any update started."""
+
+    reason: str = Field(description="Machine-readable: replayed, expired, wrong_device, a signature reason, ...")
+    message: str = Field(description="What was wrong, for people.")
+    revision: int | None = Field(description="The refused document's revision (null for a shadow model).")
+    ts: float = Field(description="When it was refused: Unix time in seconds.")
+    shadow: bool = Field(False, description="True when the refused part was the shadow model.")
+
+
 class ReportedState(_Message):
     """Payload of ``edgeml/v1/{fleet}/{device}/state`` (QoS 1, retained): what the device runs."""
 
@@ -195,6 +205,7 @@ class ReportedState(_Message):
     active: ModelSlot | None = None
     previous: ModelSlot | None = Field(None, description="The rollback target.")
     update: UpdateStatus
+    last_rejection: Rejection | None = Field(None, description="The last refusal since the agent started.")
     hardware_profile: str | None = None
 
 
