@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from .._stores import cloud_db
 from ..conftest import REPO, Broker, free_port, wait_until
 from .test_coordinator import X, device_doc, drained, make_agent
 
@@ -41,7 +42,7 @@ def test_sigkill_mid_stream_then_restart_stores_every_record_once(
     url = f"http://127.0.0.1:{port}"
     config = tmp_path / "cloud.yaml"
     # a slow flush keeps messages received but not yet committed, so not acknowledged, at the kill
-    config.write_text(f"db: {tmp_path / 'cloud.db'}\nartifact_dir: {tmp_path / 'art'}\nbroker_wait_s: 10\n"
+    config.write_text(f"db: {cloud_db(tmp_path)}\nartifact_dir: {tmp_path / 'art'}\nbroker_wait_s: 10\n"
                       "ingest:\n  flush_interval_s: 0.25\n")
     env = {**os.environ, "EDGEML_HTTP_ADDR": f"127.0.0.1:{port}", "EDGEML_BROKER_URL": broker.url}
     procs: list[subprocess.Popen[bytes]] = []

@@ -183,11 +183,11 @@ def test_deploy_many_issues_a_batch_and_says_which_devices_could_not_take_it(
 
 
 def test_a_batch_the_broker_missed_is_sent_when_it_returns(
-    broker: Broker, models: dict[str, Path], tmp_path: Path,
+    broker: Broker, models: dict[str, Path], tmp_path: Path, store_url: str,
 ) -> None:
     """Stored but not published (the broker was down): the republish worker sends the
     documents once the broker is back, without a leadership change."""
-    with Coordinator(cloud_config(tmp_path, f"sqlite://{tmp_path}/c.db", broker)) as coordinator, \
+    with Coordinator(cloud_config(tmp_path, store_url, broker)) as coordinator, \
             started(coordinator) as http:
         register(http, models["onnx_float"], "1.0.0")
         broker.stop()
