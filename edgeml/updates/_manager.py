@@ -100,6 +100,10 @@ class UpdateManager:
         self.last_rejection: dict[str, Any] | None = None
         self._retry_doc: dict[str, Any] | None = None
         self._resume_at: float | None = None  # monotonic time to resume an update an error interrupted
+        if os.environ.get(CRASH_AT_ENV):
+            log.warning("%s=%s: this agent kills itself (SIGKILL) when an update enters that state; "
+                        "a fault injection for tests and HIL rigs, never for a device in service",
+                        CRASH_AT_ENV, os.environ[CRASH_AT_ENV])
         self.shadow: ShadowRunner | None = None
 
     def _load_keys(self) -> Any:
