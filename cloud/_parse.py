@@ -6,8 +6,9 @@ fields the store relies on (``seq`` an int >= 1, ``ts`` a number, ``kind`` a str
 Records of a kind this coordinator does not know are stored as they are: the protocol
 lets devices add kinds within v1 and dropping them would show as false gaps.
 ``full=True`` also validates records of known kinds with the pydantic models of
-``edgeml.protocol`` (about 3x slower). Status documents are few and always go
-through pydantic.
+``edgeml.protocol`` (about 3x slower). Status and reported-state documents are few
+and always go through pydantic; the reported state strictly (``"1"`` is not a
+revision), since the rollout engine compares and reads its fields as they are stored.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from typing import Any
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from edgeml.protocol import PROTOCOL_VERSION, Status, TelemetryRecord, check_id, parse_topic
+from edgeml.protocol import (
+    PROTOCOL_VERSION,
+    ReportedState,
+    Status,
+    TelemetryRecord,
+    check_id,
+    parse_topic,
+)
 
 from ._exceptions import PoisonMessage
 from ._text import has_nul
@@ -117,5 +125,16 @@ def status(device: str, payload: bytes, *, limit: int) -> dict[str, Any]:
 
 
 def state(payload: bytes, *, limit: int) -> dict[str, Any]:
-    """The reported state: any JSON object until safe updates specify it."""
-    return load_object(payload, limit)
+    """The reported state, checked strictly against ``ReportedState``; returned as sent
+    (fields the model does not know are kept)."""
+    doc = load_object(payload, limit)
+    try:
+        ReportedState.model_validate(doc, strict=True)
+    except ValidationError as exc:
+        raise PoisonMessage(WRONG_SCHEMA, str(exc).splitlines()[0] + ": " + _first_error(exc)) from exc
+    return doc
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"

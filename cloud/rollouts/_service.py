@@ -227,6 +227,8 @@ class RolloutService:
                 return moved
             except CloudError as exc:
                 log.warning("rollout %s: tick failed (retrying next tick): %s", rid, exc)
+            except Exception:  # a bug or bad data in one rollout must not stop the others
+                log.exception("rollout %s: tick failed unexpectedly (retrying next tick)", rid)
         return moved
 
     def start_background(self, interval_s: float = 5.0) -> None:
@@ -246,6 +248,8 @@ class RolloutService:
                 self.tick()
             except CloudError as exc:
                 log.warning("rollout tick failed: %s", exc)
+            except Exception:  # the thread lives on: the next tick tries again
+                log.exception("rollout tick failed unexpectedly")
 
     def _advance(self, rid: str) -> int:
         with self.store.transaction() as tx:

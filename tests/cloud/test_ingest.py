@@ -181,3 +181,22 @@ def test_shared_subscription_splits_and_stores_once(broker: Broker, store: Store
     assert all(r.stats.records > 0 for r in replicas)  # both replicas took a share
     assert sum(r.stats.records for r in replicas) == 2000
     assert store.device_counters("plant", "dev-3")["s"].duplicates == 0
+
+
+def test_a_malformed_reported_state_is_poison_and_ingestion_goes_on(broker: Broker, store: Store) -> None:
+    good = {"v": 1, "fleet": "plant", "device": "dev-4", "ts": time.time(), "applied_revision": 3,
+            "update": {"state": "idle", "revision": 3, "result": "success"}, "agent_note": "kept"}
+    with ingestor(store, broker) as ing:
+        pub = publisher(broker)
+        topic = "edgeml/v1/plant/dev-4/state"
+        for bad in ({"applied_revision": "1"}, {**good, "applied_revision": "1"}, {**good, "update": 5}):
+            pub.publish(topic, orjson.dumps(bad), qos=1).wait_for_publish(10)
+        pub.publish(topic, orjson.dumps(good), qos=1).wait_for_publish(10)
+        pub.publish("edgeml/v1/plant/dev-4/telemetry", batch("dev-4", range(1, 6)), qos=1).wait_for_publish(10)
+        wait_until(lambda: len(stored(store, "dev-4")) == 5, what="telemetry after the poison")
+        wait_until(lambda: store.get_device("plant", "dev-4").reported_state, what="the valid state")
+        pub.disconnect()
+        pub.loop_stop()
+    assert store.error_counts() == {"wrong_schema": 3} == ing.stats.poison
+    assert store.get_device("plant", "dev-4").reported_state == good  # as sent, the unknown field too
+    assert {r.topic for r in store.recent_errors()} == {"edgeml/v1/plant/dev-4/state"}

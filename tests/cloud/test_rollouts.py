@@ -254,3 +254,49 @@ def test_a_policy_can_require_a_passing_hil_run_before_the_start(
     r = start()
     assert r["state"] == "promoting" and devices.calls == []  # nothing deployed before the start
     assert service.list() and all(x["id"] == r["id"] for x in service.list())  # the refused starts left nothing
+
+
+def _break_reported_states(store: Store, devices: range) -> None:
+    """Reported states of the wrong types, written past the ingestor's parser (an older coordinator's row)."""
+    with store.transaction(write=True) as tx:
+        for i in devices:
+            tx.set_reported_state(FLEET, f"dev-{i:02d}", {
+                "applied_revision": "9", "active": {"name": "mlp", "version": "3.0.0"}, "update": 5})
+
+
+def test_a_rollout_whose_evaluation_raises_does_not_stop_the_others(
+        world: tuple[RolloutService, SimulatedDevices], caplog: pytest.LogCaptureFixture) -> None:
+    service, devices = world
+    broken = service.start("mlp@3.0.0", "canary", "env=dev", steps=[100], policy=FAST, actor="ana", fleet=FLEET)
+    good = service.start("mlp@2.0.0", "canary", "env=prod", steps=[25, 50, 100], policy=FAST, actor="ana",
+                         fleet=FLEET)
+    service.tick()  # both deploy their first step
+    _break_reported_states(service.store, range(36, 40))
+    status = drive(service, devices, good["id"])
+    assert status["state"] == "completed", status["reason"]
+    assert service.status(broken["id"])["state"] == "running"  # stuck on its bad data, retried every tick
+    failures = [r for r in caplog.records if r.levelname == "ERROR" and broken["id"] in r.getMessage()]
+    assert failures and all(r.exc_info for r in failures)
+
+
+def test_the_rollout_thread_survives_a_rollout_whose_evaluation_raises(
+        world: tuple[RolloutService, SimulatedDevices], caplog: pytest.LogCaptureFixture) -> None:
+    from ..conftest import wait_until
+
+    service, devices = world
+    broken = service.start("mlp@3.0.0", "canary", "env=dev", steps=[100], policy=FAST, actor="ana", fleet=FLEET)
+    service.tick()
+    _break_reported_states(service.store, range(36, 40))
+    good = service.start("mlp@2.0.0", "canary", "env=prod", steps=[25, 50, 100], policy=FAST, actor="ana",
+                         fleet=FLEET)
+    service.start_background(interval_s=0.01)
+    try:
+        def completed() -> bool:
+            feed(service.store, devices)
+            return service.status(good["id"])["state"] == "completed"
+
+        wait_until(completed, what="the good rollout to complete on the background thread")
+        assert service._thread is not None and service._thread.is_alive()
+    finally:
+        service.stop()
+    assert any(broken["id"] in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
