@@ -6,7 +6,8 @@ Only httpx and the standard library: it works on a device install too.
         client.list_devices()
 
 httpx errors are translated here: :class:`CoordinatorUnavailable` when nothing answers,
-:class:`CoordinatorError` (with ``status`` and the server's ``detail``) for an error reply.
+:class:`CoordinatorError` (with ``status`` and the server's ``detail``) for an error reply,
+:class:`~cloud._exceptions.ConfigError` for a URL httpx cannot parse (``EDGEML_CLOUD_URL``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from urllib.parse import quote
 
 import httpx
 
-from ._exceptions import CloudError
+from ._exceptions import CloudError, ConfigError
 
 __all__ = ["CloudClient", "CoordinatorError", "CoordinatorUnavailable", "cloud_url"]
 
@@ -57,7 +58,13 @@ class CloudClient:
         self.base_url = (base_url or cloud_url()).rstrip("/")
         token = token or os.environ.get("EDGEML_API_TOKEN") or None
         headers = {"Authorization": f"Bearer {token.strip()}"} if token else None
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
+        try:
+            self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
+        except httpx.InvalidURL as exc:
+            raise self._invalid_url(exc) from exc
+
+    def _invalid_url(self, exc: Exception) -> ConfigError:
+        return ConfigError(f"invalid coordinator URL {self.base_url!r} (EDGEML_CLOUD_URL): {exc}")
 
     def close(self) -> None:
         self._http.close()
@@ -71,6 +78,8 @@ class CloudClient:
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:  # not http(s)://: no use retrying
+            raise self._invalid_url(exc) from exc
         except httpx.TransportError as exc:
             raise CoordinatorUnavailable(
                 f"cannot reach the coordinator at {self.base_url}: {exc or type(exc).__name__} "

@@ -114,3 +114,15 @@ def test_console_errors(coordinator: Coordinator, models: dict[str, Path], tmp_p
     monkeypatch.setenv("EDGEML_CLOUD_URL", f"http://127.0.0.1:{free_port()}")
     code, _, err = run(capsys, "fleet", "list")
     assert code == 1 and "cannot reach the coordinator" in err and "EDGEML_CLOUD_URL" in err
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://host\x01:8480", "127.0.0.1:8480"],
+                         ids=["unclosed-bracket", "control-character", "no-scheme"])
+def test_a_malformed_cloud_url_is_a_one_line_error_naming_the_variable(
+    url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EDGEML_CLOUD_URL", url)
+    code, out, err = run(capsys, "fleet", "list")
+    assert code == 2 and out == ""
+    assert err.startswith("edgeml: error: invalid coordinator URL") and "EDGEML_CLOUD_URL" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
