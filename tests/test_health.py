@@ -192,3 +192,52 @@ def test_an_output_of_undeclared_rank_is_not_held_to_a_shape(store: ModelStore, 
     wrong = [{"total": np.full((1, 1), 9.0, np.float32)}, expected[1]]
     model = store.load(modelgen.embed_samples(path, samples, wrong, dst=tmp_path / "rank-bad.onnx"))
     assert rejection(model)[0] == "unhealthy"
+
+
+def tflite_with_samples(path: Path, expected: list[dict[str, np.ndarray]], *, seed: int = SEED_V2) -> Path:
+    samples = encode_samples(INPUTS, expected, atol=1e-5)
+    return modelgen.build_tflite_mlp(path, seed=seed, metadata={"edgeml.name": "mlp", SAMPLES_KEY: samples})
+
+
+def test_a_tflite_file_carries_its_samples_too(store: ModelStore, tmp_path: Path) -> None:
+    """TFLite keeps text metadata in ``Model.metadata`` buffers: the agent reads them (without
+    LiteRT's schema) and holds a TFLite candidate to its own samples like an ONNX one."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    path = tflite_with_samples(tmp_path / "ok.tflite", truth(SEED_V2))
+    model = load(store, path)
+    assert model.runtime.engine == "litert"
+    # what the reader found is what LiteRT's own flatbuffer schema finds
+    root = schema.Model.GetRootAs(path.read_bytes(), 0)
+    entries = {root.Metadata(i).Name().decode(): root.Buffers(root.Metadata(i).Buffer()).DataAsNumpy().tobytes().decode()
+               for i in range(root.MetadataLength())}
+    assert model.runtime.metadata == entries and json.loads(entries[SAMPLES_KEY])["atol"] == 1e-5
+    assert health_check(model, latency_budget_ms=None)["expected_checked"] is True
+    wrong = load(store, tflite_with_samples(tmp_path / "wrong.tflite", truth(0)))
+    assert rejection(wrong)[0] == "unhealthy"
+
+
+def test_the_agent_updates_from_onnx_to_a_tflite_model_checked_by_its_samples(
+    broker: Broker, collector: Collector, fleet: Fleet, models: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet.register(models["onnx_float"], "1.0.0")
+    wrong = fleet.register(tflite_with_samples(tmp_path / "wrong.tflite", truth(0)), "3.0.0")
+    right = fleet.register(tflite_with_samples(tmp_path / "right.tflite", truth(SEED_V2)), "3.0.1")
+    with make_agent(tmp_path, broker, fleet, models["onnx_float"]) as agent:
+        doc = fleet.deploy("mlp@3.0.0")
+        status = wait_until(lambda: finished(agent, doc["revision"]), 30, what="update to 3.0.0")
+        assert (status["update"]["result"], status["update"]["reason"]) == ("rejected", "unhealthy")
+        assert agent.model is not None and agent.model.info.engine == "onnx"
+        assert not list((tmp_path / "agent" / "models").glob(f"{wrong['sha256']}.*"))
+        doc = fleet.deploy("mlp@3.0.1")
+        status = wait_until(lambda: finished(agent, doc["revision"]), 30, what="update to 3.0.1")
+        assert status["update"]["result"] == "success"
+        assert (agent.model.info.sha256, agent.model.info.engine) == (right["sha256"], "litert")
+        x = INPUTS[0]["input"][:1]
+        got = agent.predict({"input": x})
+        assert got.version == "3.0.1"
+        np.testing.assert_allclose(got.outputs["probs"], truth(SEED_V2)[0]["probs"][:1], atol=1e-5)
+        wait_until(lambda: any(r.get("name") == "update_health" and r["data"]["revision"] == doc["revision"]
+                               for r in collector.records()), 10, what="the health report")
+    health = [r["data"] for r in collector.records() if r.get("name") == "update_health"]
+    assert health[-1]["expected_checked"] is True and health[-1]["samples"] == len(INPUTS)

@@ -179,3 +179,15 @@ def test_input_errors_in_process(models: dict[str, Path], tmp_path: Path) -> Non
                 agent.predict(inputs)  # type: ignore[arg-type]
             assert message in str(info.value), (inputs, str(info.value))
         assert agent.status()["counters"]["prediction_errors"] == len(cases)
+
+
+def test_tflite_metadata_of_a_cut_file_is_a_clear_error(tmp_path: Path) -> None:
+    from edgeml.runtime.tflite_metadata import read_tflite_metadata
+
+    path = modelgen.build_tflite_mlp(tmp_path / "m.tflite", metadata={"edgeml.version": "2.0.0"})
+    assert read_tflite_metadata(path) == {"edgeml.version": "2.0.0"}
+    raw = path.read_bytes()
+    for size in (0, 3, 64, len(raw) // 2):
+        (tmp_path / "cut.tflite").write_bytes(raw[:size])
+        with pytest.raises(ValueError, match="cut.tflite"):
+            read_tflite_metadata(tmp_path / "cut.tflite")

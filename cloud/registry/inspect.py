@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from edgeml.runtime.tflite_metadata import read_tflite_metadata
+
 from .._exceptions import CloudError, InvalidModel
 
 __all__ = ["ModelFacts", "TensorFacts", "inspect_model"]
@@ -232,7 +234,7 @@ def _inspect_tflite(path: Path) -> dict[str, Any]:
         raise InvalidModel(f"{path} is not a valid TFLite model: {reason}") from exc
     buf = path.read_bytes()
     try:
-        return _read_tflite(schema, schema.Model.GetRootAs(buf, 0))
+        return {**_read_tflite(schema, schema.Model.GetRootAs(buf, 0)), "metadata": read_tflite_metadata(path)}
     except (IndexError, ValueError, UnicodeDecodeError, struct.error) as exc:
         raise InvalidModel(f"{path} is not a valid TFLite model: {exc}") from exc
 
@@ -264,7 +266,6 @@ def _read_tflite(schema: Any, model: Any) -> dict[str, Any]:
         "inputs": inputs,
         "outputs": outputs,
         "quantization": _classify(io_int8, io_int8 or acts_int8, weights_int8),
-        "metadata": _tflite_metadata(model),
         "operators": _tflite_ops(schema, model),
         "opset": model.Version(),
         "producer": description.decode("utf-8", "replace") if description else None,
@@ -313,22 +314,3 @@ def _tflite_ops(schema: Any, model: Any) -> tuple[str, ...]:
             ops.add(names.get(builtin, f"BUILTIN_{builtin}"))
     return tuple(sorted(ops))
 
-
-def _tflite_metadata(model: Any) -> dict[str, str]:
-    """Metadata entries whose buffer is text (binary ones, e.g. TFLITE_METADATA, are skipped)."""
-    out: dict[str, str] = {}
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        name = entry.Name().decode("utf-8", "replace") if entry.Name() else f"metadata{i}"
-        index = entry.Buffer()
-        if not 0 < index < model.BuffersLength():
-            continue
-        data = model.Buffers(index).DataAsNumpy()
-        raw = b"" if isinstance(data, int) else data.tobytes()
-        try:
-            text = raw.rstrip(b"\x00").decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        if text.isprintable():
-            out[name] = text
-    return out

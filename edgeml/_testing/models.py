@@ -411,8 +411,12 @@ def build_tflite_mlp(
     *,
     quantized: bool = False,
     batch: int = 1,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write a TFLite MLP flatbuffer and return its path.
+
+    ``metadata``: text entries of ``Model.metadata`` (one buffer each), as ``edgeml.name``,
+    ``edgeml.version`` and ``edgeml.samples`` ride in ONNX ``metadata_props``.
 
     Graph: ``FULLY_CONNECTED(fused RELU) -> FULLY_CONNECTED -> SOFTMAX`` with input tensor
     ``"input"`` ``[batch, n_in]`` and output tensor ``"probs"`` ``[batch, n_out]``.
@@ -548,6 +552,14 @@ def build_tflite_mlp(
     )
     model.operatorCodes = opcodes
     model.subgraphs = [sg]
+    model.metadata = []
+    for key, text in (metadata or {}).items():
+        data = S.BufferT()
+        data.data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        buffers.append(data)
+        entry = S.MetadataT()
+        entry.name, entry.buffer = key, len(buffers) - 1
+        model.metadata.append(entry)
     model.buffers = buffers
 
     builder = flatbuffers.Builder(1024)

@@ -15,6 +15,7 @@ import numpy as np
 
 from .._exceptions import ModelLoadError
 from ._base import Runtime, TensorSpec
+from .tflite_metadata import read_tflite_metadata
 
 
 def _interpreter_class() -> Any:
@@ -74,7 +75,10 @@ class LiteRTRuntime(Runtime):
             for s in self.inputs
         )
         self.outputs = tuple(_spec(d) for d in self._out)
-        self.metadata = {}
+        try:
+            self.metadata = read_tflite_metadata(path)
+        except (OSError, ValueError) as exc:  # the interpreter verified the flatbuffer: unexpected
+            raise ModelLoadError(f"cannot read the metadata of TFLite model {path}: {exc}") from exc
         self._lock = threading.Lock()
         self._shapes = {d["index"]: tuple(d["shape"]) for d in self._in}
 
