@@ -41,14 +41,22 @@ def _ids(fleet: str, device: str) -> None:
 
 
 def device_json(d: Device, totals: DeviceTotals | None = None, streams: dict[str, StreamCounters] | None = None) -> dict[str, Any]:
-    """A device with its ingestion counters summed over streams (and per stream if given)."""
+    """A device with its ingestion counters (and per stream if ``streams`` is given).
+
+    With ``streams``: ``records``, ``gaps`` and ``duplicates`` are sums over the streams;
+    ``max_contiguous_seq`` is that of the device's current stream, the one written to
+    last (latest ``last_seen``; the newer stream on a tie). Each stream numbers its seqs
+    from 1 (a reinstalled agent starts a new one), so a sum of them means nothing.
+    """
     doc = dataclasses.asdict(d)
     if streams is not None:
-        counters = list(streams.values())
+        counters = list(streams.values())  # oldest stream first
+        current = max(enumerate(counters), key=lambda ic: (ic[1].last_seen, ic[0]), default=None)
         totals = DeviceTotals(
-            records=sum(c.records for c in counters), max_contiguous_seq=sum(c.max_contiguous_seq for c in counters),
+            records=sum(c.records for c in counters),
+            max_contiguous_seq=current[1].max_contiguous_seq if current else 0,
             gaps=sum(c.gaps for c in counters), duplicates=sum(c.duplicates for c in counters),
-            last_seen=max((c.last_seen for c in counters), default=None),
+            last_seen=current[1].last_seen if current else None,
         )
         doc["streams"] = [dataclasses.asdict(c) for c in counters]
     totals = totals or DeviceTotals()
@@ -85,8 +93,12 @@ def device_router(store: Store) -> APIRouter:
 
     @router.get("/v1/devices/{fleet}/{device}")
     def show_device(fleet: str, device: str) -> dict[str, Any]:
-        """A device: tags, hardware profile, status, reported state and ingestion counters
-        (``records``, ``max_contiguous_seq``, ``gaps``, ``duplicates``) summed and per stream."""
+        """A device: tags, hardware profile, status, reported state and ingestion counters.
+
+        ``records``, ``gaps`` and ``duplicates`` are summed over the device's streams;
+        ``max_contiguous_seq`` is the device's most recent stream's (latest ``last_seen``),
+        since seqs restart at 1 in each stream (a reinstalled agent). ``streams`` lists
+        every stream's own counters, oldest first."""
         _ids(fleet, device)
         with store.transaction() as tx:
             d = tx.get_device(fleet, device)

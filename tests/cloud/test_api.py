@@ -83,7 +83,8 @@ def test_devices_preregister_list_show_with_counters(client: httpx.Client, store
 
     doc = client.get("/v1/devices/plant/dev-1").json()
     assert (doc["tags"], doc["hardware_profile"]) == ({"site": "paris"}, "rpi4")
-    assert (doc["records"], doc["max_contiguous_seq"], doc["gaps"], doc["duplicates"]) == (14, 13, 1, 2)
+    # max_contiguous_seq: the stream written to last (s2), not a sum over streams
+    assert (doc["records"], doc["max_contiguous_seq"], doc["gaps"], doc["duplicates"]) == (14, 10, 1, 2)
     assert {s["stream"]: (s["records"], s["max_contiguous_seq"], s["gaps"]) for s in doc["streams"]} == {
         "s1": (4, 3, 1), "s2": (10, 10, 0)}
 
@@ -103,6 +104,25 @@ def test_devices_preregister_list_show_with_counters(client: httpx.Client, store
     assert (nul.status_code, nul.json()["error"]) == (400, "Unstorable"), nul.text
     assert "NUL" in nul.json()["detail"] and "Retry-After" not in nul.headers
     assert client.get("/v1/devices/plant/dev-1").json()["tags"] == {"site": "paris"}
+
+
+def test_a_device_with_two_streams_reports_its_most_recent_streams_contiguous_seq(
+        client: httpx.Client, store: Store) -> None:
+    """A reinstalled agent starts a new stream at seq 1: the device's max_contiguous_seq is the
+    current stream's, whichever stream was created first; records, gaps, duplicates are summed."""
+    store.upsert_device("plant", "dev-1")
+    store.insert_telemetry("plant", "dev-1", "before-reinstall", _records(range(1, 501)), received_at=1000.0)
+    store.insert_telemetry("plant", "dev-1", "after-reinstall", _records([1, 2, 3, 4, 6]), received_at=2000.0)
+    doc = client.get("/v1/devices/plant/dev-1").json()
+    assert (doc["records"], doc["max_contiguous_seq"], doc["gaps"], doc["duplicates"]) == (505, 4, 1, 0)
+    assert {s["stream"]: (s["max_contiguous_seq"], s["last_seen"]) for s in doc["streams"]} == {
+        "before-reinstall": (500, 1000.0), "after-reinstall": (4, 2000.0)}
+    assert [s["stream"] for s in doc["streams"]] == ["before-reinstall", "after-reinstall"]  # oldest first
+
+    # the older stream written to again is the current one (latest last_seen, not first_seen)
+    store.insert_telemetry("plant", "dev-1", "before-reinstall", _records([501]), received_at=3000.0)
+    doc = client.get("/v1/devices/plant/dev-1").json()
+    assert (doc["records"], doc["max_contiguous_seq"]) == (506, 501)
 
 
 def test_telemetry_and_events_queries(client: httpx.Client, store: Store) -> None:
