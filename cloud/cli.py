@@ -2,7 +2,7 @@
 
     edgeml cloud serve --config cloud.yaml
     edgeml fleet list | fleet show DEVICE [--fleet F] | fleet register DEVICE [--tag k=v]
-    edgeml fleet deploy DEVICE N@V [--shadow N@V] [--fleet F] | fleet desired DEVICE [--fleet F]
+    edgeml fleet deploy DEVICE N@V [--shadow [N@V]] [--fleet F] | fleet desired DEVICE [--fleet F]
     edgeml models register FILE --name N --version V [--metrics JSON] [--parent N@V]
     edgeml models list | models show N@V | models alias N ALIAS VERSION
     edgeml models train --recipe FILE [--config cloud.yaml] | models runs | models compare RUN_A RUN_B
@@ -61,7 +61,9 @@ def register_subcommands(subparsers: Any) -> None:
     p = fleet_sub.add_parser("deploy", help="set the model a device should run (its signed desired state)")
     p.add_argument("device", metavar="DEVICE")
     p.add_argument("model", metavar="N@V", help="name@version or name@alias")
-    p.add_argument("--shadow", metavar="N@V", help="a shadow model run beside it")
+    p.add_argument("--shadow", metavar="N@V", nargs="?", const=True,
+                   help="alone: run N@V as a shadow beside the model the device is assigned now; "
+                        "with a value: assign N@V and run this one as its shadow")
     p.add_argument("--expires-in", type=int, metavar="SECONDS", help="the document expires after this long")
     p.add_argument("--fleet", default="default", help="fleet of the device (default: default)")
     _json_flag(p)
@@ -325,13 +327,32 @@ def _fleet_deploy(args: argparse.Namespace) -> int:
     if args.expires_in is not None and args.expires_in <= 0:
         raise _UsageError(f"--expires-in must be > 0 seconds, got {args.expires_in}")
     with _client() as client:
-        doc = client.deploy(args.fleet, args.device, args.model, shadow=args.shadow, expires_in=args.expires_in)
+        model, shadow = args.model, args.shadow
+        if shadow is True:  # `--shadow` alone: N@V shadows what the device runs now
+            model, shadow = _assigned_model(client, args.fleet, args.device), args.model
+        doc = client.deploy(args.fleet, args.device, model, shadow=shadow, expires_in=args.expires_in)
 
     def text(d: dict[str, Any]) -> str:
         shadow = f", shadow {_ref_text(d['shadow'])}" if d.get("shadow") else ""
         return f"{d['fleet']}/{d['device']} revision {d['revision']}: model {_ref_text(d.get('model'))}{shadow}"
 
     return _emit(args, doc, text)
+
+
+def _assigned_model(client: Any, fleet: str, device: str) -> str:
+    """``name@version`` of the model the device's desired state assigns, for ``--shadow``."""
+    from .client import CoordinatorError
+
+    try:
+        current = client.desired(fleet, device).get("model")
+    except CoordinatorError as exc:
+        if exc.status != 404:
+            raise
+        current = None
+    if not current:
+        raise _UsageError(f"{fleet}/{device} has no model assigned to shadow: "
+                          f"deploy one first (edgeml fleet deploy {device} NAME@VERSION)")
+    return f"{current['name']}@{current['version']}"
 
 
 def _fleet_desired(args: argparse.Namespace) -> int:

@@ -151,6 +151,14 @@ def test_cli_deploy_then_desired(broker: Broker, store_url: str, models: dict[st
         assert doc == retained(broker.port)
         out = cli(coordinator.url, "fleet", "deploy", "dev-1", "mlp@nope", "--fleet", "plant")
         assert out.returncode == 1 and "no model mlp@nope" in out.stderr
+        # `--shadow` alone: the named model shadows the one the device is assigned now
+        register(http, models["onnx_v2"], "2.0.0")
+        out = cli(coordinator.url, "fleet", "deploy", "dev-1", "mlp@2.0.0", "--shadow", "--fleet", "plant", "--json")
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert (doc["revision"], doc["model"]["version"], doc["shadow"]["version"]) == (2, "1.0.0", "2.0.0")
+        out = cli(coordinator.url, "fleet", "deploy", "dev-9", "mlp@2.0.0", "--shadow", "--fleet", "plant")
+        assert out.returncode != 0 and "plant/dev-9 has no model assigned to shadow" in out.stderr
 
 
 def test_deploy_many_issues_a_batch_and_says_which_devices_could_not_take_it(
