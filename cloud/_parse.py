@@ -106,10 +106,14 @@ def telemetry(fleet: str, device: str, payload: bytes, *, limit: int, full: bool
                 or type(r.get("kind")) is not str:
             raise PoisonMessage(WRONG_SCHEMA, f"records[{i}] needs seq (int 1..2^63-1), ts (number), kind (string)")
     if full:
+        known = [i for i, r in enumerate(records) if r["kind"] in KNOWN_KINDS]
         try:
-            _RECORDS.validate_python([r for r in records if r["kind"] in KNOWN_KINDS])
+            _RECORDS.validate_python([records[i] for i in known])
         except ValidationError as exc:
-            raise PoisonMessage(WRONG_SCHEMA, str(exc).splitlines()[0]) from exc
+            err = exc.errors()[0]
+            where, rest = err["loc"][0], err["loc"][2:]  # (index among known, kind tag, field...)
+            field = "".join(f".{p}" for p in rest)
+            raise PoisonMessage(WRONG_SCHEMA, f"records[{known[int(where)]}]{field}: {err['msg']}") from exc
     return TelemetryBatchIn(fleet, device, stream, records)
 
 

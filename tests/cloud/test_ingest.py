@@ -200,3 +200,30 @@ def test_a_malformed_reported_state_is_poison_and_ingestion_goes_on(broker: Brok
     assert store.error_counts() == {"wrong_schema": 3} == ing.stats.poison
     assert store.get_device("plant", "dev-4").reported_state == good  # as sent, the unknown field too
     assert {r.topic for r in store.recent_errors()} == {"edgeml/v1/plant/dev-4/state"}
+
+
+@pytest.mark.parametrize("validation", ["fast", "full"])
+def test_full_validation_rejects_a_known_kind_of_the_wrong_type(broker: Broker, store: Store, validation: str) -> None:
+    """``ingest.validation: full`` checks known kinds with the protocol models; the default
+    checks only seq, ts and kind, and stores the rest as sent."""
+    wrong = {"seq": 1, "ts": time.time(), "kind": "prediction", "model": "m", "version": "1", "latency_us": "x"}
+    unknown_kind = {"seq": 1, "ts": time.time(), "kind": "vendor_thing", "latency_us": "x"}
+    with ingestor(store, broker, client_id=f"coordinator-{validation}", validation=validation) as ing:
+        pub = publisher(broker)
+        for stream, record in (("wrong", wrong), ("unknown-kind", unknown_kind)):
+            doc = {"v": 1, "fleet": "plant", "device": "dev-5", "stream": stream, "sent_at": time.time(),
+                   "records": [record]}
+            pub.publish("edgeml/v1/plant/dev-5/telemetry", orjson.dumps(doc), qos=1).wait_for_publish(10)
+        pub.publish("edgeml/v1/plant/dev-5/telemetry", batch("dev-5", range(1, 4)), qos=1).wait_for_publish(10)
+        wait_until(lambda: "s" in store.device_counters("plant", "dev-5"), what="the valid batch after it")
+        pub.disconnect()
+        pub.loop_stop()
+    streams = {r.stream for r in store.query_telemetry("plant", "dev-5", limit=100)}
+    if validation == "full":
+        assert store.error_counts() == {"wrong_schema": 1} == ing.stats.poison
+        assert store.recent_errors()[0].detail.startswith("records[0].latency_us: ")
+        assert streams == {"unknown-kind", "s"}  # kinds it does not know are stored as they are
+    else:
+        assert store.error_counts() == {} and ing.stats.poison == {}
+        assert streams == {"wrong", "unknown-kind", "s"}
+        assert store.query_telemetry("plant", "dev-5", stream="wrong")[0].body["latency_us"] == "x"
