@@ -15,7 +15,7 @@ JSON the REST API does not already give (computed server-side, read through the 
 the distribution of predictions, drift as PSI of the device's top1 distribution against
 the fleet's, events), ``/v1/console/models`` (versions, lineage edges, where each runs),
 ``/v1/console/rollouts/{id}/series`` (latency and accuracy of the canary and baseline
-cohorts over time) and ``/v1/console/audit`` (the audit log of every rollout).
+cohorts over time). The audit view reads the REST API's own ``/v1/audit``.
 
 ``/v1/stream`` is a server-sent event stream of small change notices
 (``event: change``, ``data: {"topics": ["rollouts", "audit"]}``): the page refetches
@@ -145,12 +145,6 @@ def _data_routes(router: APIRouter, store: Store, registry: ModelRegistry, rollo
         if rollouts is None:
             raise NotFound("rollouts are not enabled on this coordinator")
         return cohort_series(store, rollouts.status(rollout_id), time.time(), window_s, buckets)
-
-    @router.get("/v1/console/audit", tags=["console"])
-    def audit(rollout: str | None = None, actor: str | None = None,
-              limit: Annotated[int, Query(ge=1, le=10_000)] = 200) -> list[dict[str, Any]]:
-        """Audit log entries of every rollout, newest first."""
-        return audit_log(store, rollout=rollout, actor=actor, limit=limit)
 
 
 def _loads(value: Any) -> Any:
@@ -326,28 +320,6 @@ def cohort_series(store: Store, rollout: dict[str, Any], now: float, window_s: f
         "accuracy": {side: [{"t": round(t + width / 2, 3), "n": n, "accuracy": (ok / n if n else None)}
                             for t, (n, ok) in zip(starts, cells, strict=True)] for side, cells in labels.items()},
     }
-
-
-def audit_log(store: Store, *, rollout: str | None, actor: str | None, limit: int) -> list[dict[str, Any]]:
-    """Entries of ``audit_log``: the rollout engine's decisions and, where the API records them,
-    every change made through it (with the caller's ``role`` when the table has that column)."""
-    role = "role" if _has_column(store, "audit_log", "role") else "NULL"
-    sql = f"SELECT id, ts, actor, action, rollout_id, reason, evidence, {role} FROM audit_log WHERE 1 = 1"
-    params: list[Any] = []
-    for column, value in (("rollout_id", rollout), ("actor", actor)):
-        if value is not None:
-            sql += f" AND {column} = ?"
-            params.append(value)
-    with store.transaction() as tx:
-        rows = tx.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
-    return [{"id": r[0], "ts": r[1], "actor": r[2], "action": r[3], "rollout_id": r[4], "reason": r[5],
-             "evidence": _loads(r[6]) or {}, "role": r[7]} for r in rows]
-
-
-def _has_column(store: Store, table: str, column: str) -> bool:
-    with store.transaction() as tx:
-        cursor = tx.execute(f"SELECT * FROM {table} WHERE 1 = 0")
-        return column in {d[0] for d in cursor.description}
 
 
 # ---------------------------------------------------------------------- live updates

@@ -396,7 +396,7 @@
     topics: ["audit"],
     filter: "",
     async load() {
-      return api("/v1/console/audit?limit=500");
+      return api("/v1/audit?limit=500");
     },
     render(entries) {
       const f = this.filter.toLowerCase();
