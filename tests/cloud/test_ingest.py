@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud import Ingestor, Store
+from cloud.store._sqlite import SQLiteStore
 from edgeml import Agent, load_config
 
 from ..conftest import Broker, agent_env, free_port, wait_until
@@ -227,3 +229,32 @@ def test_full_validation_rejects_a_known_kind_of_the_wrong_type(broker: Broker, 
         assert store.error_counts() == {} and ing.stats.poison == {}
         assert streams == {"wrong", "unknown-kind", "s"}
         assert store.query_telemetry("plant", "dev-5", stream="wrong")[0].body["latency_us"] == "x"
+
+
+def test_telemetry_sent_during_a_store_outage_is_stored_once_when_it_ends(broker: Broker, tmp_path: Path) -> None:
+    """Another connection holds the SQLite database exclusively: every flush fails with
+    'database is locked' and is retried with backoff, nothing is acknowledged meanwhile;
+    once the lock is released every record is stored exactly once."""
+    path = tmp_path / "cloud.db"
+    store = SQLiteStore(path, synchronous="normal", busy_timeout_s=0.05)
+    store.migrations.apply()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        with ingestor(store, broker, store_retry_max_s=0.2) as ing:
+            blocker.execute("BEGIN EXCLUSIVE")
+            pub = publisher(broker)
+            for first in range(1, 1001, 50):
+                pub.publish("edgeml/v1/plant/dev-6/telemetry", batch("dev-6", range(first, first + 50)), qos=1)
+            wait_until(lambda: ing.stats.store_errors >= 3, what="flushes failing on the locked store")
+            assert ing.stats.flushes == 0 and store.device_counters("plant", "dev-6") == {}
+            blocker.execute("ROLLBACK")
+            wait_until(lambda: ing.stats.records == 1000, what="every record committed after the outage")
+            pub.disconnect()
+            pub.loop_stop()
+        c = store.device_counters("plant", "dev-6")["s"]
+        assert (c.records, c.max_contiguous_seq, c.gaps, c.duplicates) == (1000, 1000, 0, 0)
+        assert (ing.stats.inserted, ing.stats.duplicates) == (1000, 0)
+        assert [s for s, _ in stored(store, "dev-6")] == list(range(1, 1001))
+    finally:
+        blocker.close()
+        store.close()
