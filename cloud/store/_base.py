@@ -303,15 +303,18 @@ class Transaction(ABC):
         return [TelemetryRow(r[0], r[1], r[2], r[3], r[4], r[5], _json_out(r[6]), r[7]) for r in rows]
 
     def device_totals(self, fleet: str | None = None) -> dict[tuple[str, str], DeviceTotals]:
-        """Counters of every device summed over its streams, keyed by (fleet, device)."""
+        """Counters of every device, keyed by (fleet, device): records, gaps and duplicates
+        summed over its streams; ``max_contiguous_seq`` that of its current stream (written to
+        last; the newer on a tie): each stream numbers from 1, so a sum would mean nothing."""
         sql = (
-            "SELECT fleet, device_id, SUM(records), SUM(max_contiguous_seq), SUM(gaps), SUM(duplicates), "
-            "MAX(last_seen) FROM ingest_counters"
+            "SELECT fleet, device_id, SUM(records), (SELECT s.max_contiguous_seq FROM ingest_counters AS s "
+            "WHERE s.fleet = c.fleet AND s.device_id = c.device_id ORDER BY s.last_seen DESC, s.first_seen DESC "
+            "LIMIT 1), SUM(gaps), SUM(duplicates), MAX(last_seen) FROM ingest_counters AS c"
         )
         params: tuple[Any, ...] = ()
         if fleet is not None:
-            sql, params = sql + " WHERE fleet = ?", (fleet,)
-        rows = self.execute(sql + " GROUP BY fleet, device_id", params).fetchall()
+            sql, params = sql + " WHERE c.fleet = ?", (fleet,)
+        rows = self.execute(sql + " GROUP BY c.fleet, c.device_id", params).fetchall()
         return {(r[0], r[1]): DeviceTotals(int(r[2]), int(r[3]), int(r[4]), int(r[5]), r[6]) for r in rows}
 
     def ingest_summary(self, *, lag_window_s: float = 300.0, now: float | None = None) -> dict[str, float]:
@@ -604,7 +607,7 @@ class Store(ABC):
             return tx.latest_telemetry(**filters)
 
     def device_totals(self, fleet: str | None = None) -> dict[tuple[str, str], DeviceTotals]:
-        """Ingestion counters of every device summed over its streams."""
+        """Ingestion counters of every device (see :meth:`Transaction.device_totals`)."""
         with self.transaction() as tx:
             return tx.device_totals(fleet)
 

@@ -123,6 +123,9 @@ def test_a_device_with_two_streams_reports_its_most_recent_streams_contiguous_se
     store.insert_telemetry("plant", "dev-1", "before-reinstall", _records([501]), received_at=3000.0)
     doc = client.get("/v1/devices/plant/dev-1").json()
     assert (doc["records"], doc["max_contiguous_seq"]) == (506, 501)
+    # the fleet list (`edgeml fleet list`) says the same, from the store's per-device totals
+    listed = next(d for d in client.get("/v1/devices", params={"fleet": "plant"}).json() if d["device_id"] == "dev-1")
+    assert (listed["records"], listed["max_contiguous_seq"], listed["gaps"]) == (506, 501, 1)
 
 
 def test_telemetry_and_events_queries(client: httpx.Client, store: Store) -> None:
