@@ -17,7 +17,14 @@ import psutil
 
 from . import __version__
 from ._config import AgentConfig
-from ._exceptions import BrokerNotFound, InputError, ModelError, ModelLoadError, NoModelError
+from ._exceptions import (
+    BrokerNotFound,
+    ConfigError,
+    InputError,
+    ModelError,
+    ModelLoadError,
+    NoModelError,
+)
 from ._models import LoadedModel, ModelStore
 from .buffer import TelemetryBuffer
 from .protocol import DESIRED, parse_topic
@@ -81,8 +88,23 @@ class Agent:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Agent:
+        """Bring the agent up. A setting that cannot work here (an ``api_addr`` that cannot
+        be bound, a ``data_dir`` that cannot be created) raises ConfigError naming it; on any
+        failure, what was already started is stopped before the error propagates. A broker
+        that cannot be reached is not an error: the agent runs offline and keeps retrying."""
+        try:
+            self._start()
+        except BaseException as exc:
+            self._abandon_start(exc)
+            raise
+        return self
+
+    def _start(self) -> None:
         cfg = self.config
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError("data_dir", f"cannot create {self.data_dir}: {exc.strerror or exc}") from exc
         if cfg.hardware_profile:
             from ._hardware import load_profile
 
@@ -97,17 +119,23 @@ class Agent:
         )
         self._buffer.start()
         threads = cfg.runtime.threads or (self.profile.runtime.threads if self.profile else 1)
-        self._store = ModelStore(
-            self.data_dir / "models", engine=cfg.runtime.engine, threads=threads,
-            warmup_runs=cfg.runtime.warmup_runs,
-        )
+        try:
+            self._store = ModelStore(
+                self.data_dir / "models", engine=cfg.runtime.engine, threads=threads,
+                warmup_runs=cfg.runtime.warmup_runs,
+            )
+        except OSError as exc:
+            raise ConfigError("data_dir", f"cannot create {self.data_dir / 'models'}: {exc.strerror or exc}") from exc
         self.event("agent_started", message=f"edgeml agent {__version__}", data={"pid": os.getpid()})
         self._load_initial_model()
         self._start_updates()
         if cfg.api_addr:
             from .api import LocalAPI
 
-            self._api = LocalAPI(self, *cfg.api_host_port)  # type: ignore[misc]
+            try:
+                self._api = LocalAPI(self, *cfg.api_host_port)  # type: ignore[misc]
+            except OSError as exc:  # in use (errno 98), not an address of this host, a name that does not resolve
+                raise ConfigError("api_addr", f"cannot listen on {cfg.api_addr}: {exc.strerror or exc}") from exc
             self._api.start()
         self._start_sync()
         self._updates.start()
@@ -118,7 +146,15 @@ class Agent:
         from ._systemd import notify
 
         notify("READY=1")
-        return self
+
+    def _abandon_start(self, exc: BaseException) -> None:
+        """Stop what a failed start() had started (threads, sockets, the database)."""
+        if self._buffer is not None:
+            self.event("agent_start_failed", level="error", message=str(exc)[:300])
+        try:
+            self.stop()
+        except Exception as cleanup:  # the start's error is the one to report
+            log.error("cleanup after a failed start: %s", cleanup)
 
     def stop(self) -> None:
         from ._systemd import notify
