@@ -202,6 +202,10 @@ def _agent_status(args: argparse.Namespace) -> int:
             doc = client.status()
     except AgentUnavailable:
         stats = inspect(config.data_dir / "telemetry.db")
+        if stats is None:  # never ran here (or another data_dir): do not show an empty agent
+            print(f"edgeml: error: no agent is answering on {config.api_addr or 'the local API (off)'} and there is "
+                  f"no agent data at {config.data_dir} (data_dir); is this the agent's config?", file=sys.stderr)
+            return 1
         from ._models import ModelStore
 
         info = ModelStore(config.data_dir / "models").active_info() if config.data_dir.exists() else None

@@ -1,4 +1,4 @@
-"""`edgeml agent run` and `Agent.start` when a setting cannot work here."""
+"""`edgeml agent run` and `Agent.start` when a setting cannot work here; `edgeml agent status` without data."""
 
 from __future__ import annotations
 
@@ -77,3 +77,13 @@ def test_an_unresolvable_broker_is_not_fatal(tmp_path: Path) -> None:
         assert status["running"] is True and status["sync"]["connected"] is False
         assert status["sync"]["broker"] == "mqtt://nohost.invalid:1883"
 
+
+def test_agent_status_without_agent_data_says_so(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.yaml"
+    missing = tmp_path / "no-such-dir"
+    cfg.write_text(f"data_dir: {missing}\napi_addr: 127.0.0.1:{free_port()}\n")
+    for extra in ([], ["--json"]):
+        run = _edgeml("agent", "status", "-c", str(cfg), *extra)
+        assert run.returncode == 1, run.stdout
+        assert f"no agent data at {missing}" in run.stderr and "records" not in run.stdout
+    assert not missing.exists()  # status only reads
