@@ -181,3 +181,20 @@ def test_feedback_reaches_the_broker_as_documented(broker: Broker, collector: Co
     record = FeedbackRecord.model_validate(next(r for r in collector.records() if r["kind"] == "feedback"))
     assert (record.label, record.predicted, record.correct, record.model) == (2, 1, False, "mlp")
     assert record.inputs is not None and np.allclose(record.inputs["input"], X)
+
+
+def test_the_scheduler_sends_metrics_and_runs_housekeeping_unasked(broker: Broker, collector: Collector, models: dict[str, Path], tmp_path: Path) -> None:
+    """The periodic jobs run on their own (apscheduler): nothing here calls flush_metrics()
+    or _housekeeping(). The metrics record is the device's heartbeat."""
+    agent = _agent(tmp_path, broker, models["onnx_float"], EDGEML_TELEMETRY__METRICS_INTERVAL_S=0.2,
+                   EDGEML_TELEMETRY__HOUSEKEEPING_INTERVAL_S=0.2)
+    runs: list[float] = []
+    with agent:
+        assert agent._buffer is not None
+        housekeeping = agent._buffer.housekeeping
+        agent._buffer.housekeeping = lambda: (runs.append(time.time()), housekeeping())  # type: ignore[method-assign]
+        wait_until(lambda: len({r["seq"] for r in collector.records() if r["kind"] == "metrics"}) >= 2, 30,
+                   what="two metrics records at the subscriber")
+        wait_until(lambda: len(runs) >= 2, 30, what="two housekeeping runs")
+    metrics = [r for r in collector.records() if r["kind"] == "metrics"]
+    assert metrics[1]["uptime_s"] > metrics[0]["uptime_s"]  # two samples, not one delivered twice
