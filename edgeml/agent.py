@@ -366,7 +366,9 @@ class Agent:
         if stats.dropped_total > self._last_dropped_reported:
             self.event(
                 "telemetry_dropped", level="warning",
-                message=f"buffer budget exceeded: {stats.dropped_total - self._last_dropped_reported} records dropped",
+                message=f"{stats.dropped_total - self._last_dropped_reported} telemetry records dropped: over the buffer "
+                        "budget (counted by class) or, while the disk refuses writes, over the in-memory limit "
+                        "(counted as memory)",
                 data={"dropped": stats.dropped, "budget_bytes": self.config.telemetry.buffer_max_bytes},
             )
             self._last_dropped_reported = stats.dropped_total
