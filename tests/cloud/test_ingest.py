@@ -204,6 +204,28 @@ def test_a_malformed_reported_state_is_poison_and_ingestion_goes_on(broker: Brok
     assert {r.topic for r in store.recent_errors()} == {"edgeml/v1/plant/dev-4/state"}
 
 
+def test_a_cleared_retained_status_or_state_is_not_poison(broker: Broker, store: Store) -> None:
+    """An empty retained payload is how MQTT deletes a retained message (an operator clearing
+    a decommissioned device's topics): nothing to store, nothing wrong, the stored state kept."""
+    state = {"v": 1, "fleet": "plant", "device": "dev-5", "ts": time.time(), "applied_revision": 1,
+             "update": {"state": "idle", "revision": 1, "result": "success"}}
+    with ingestor(store, broker) as ing:
+        pub = publisher(broker)
+        pub.publish("edgeml/v1/plant/dev-5/state", orjson.dumps(state), qos=1, retain=True).wait_for_publish(10)
+        wait_until(lambda: any(d.reported_state for d in store.list_devices("plant") if d.device_id == "dev-5"),
+                   what="the state")
+        for leaf in ("state", "status"):
+            pub.publish(f"edgeml/v1/plant/dev-5/{leaf}", b"", qos=1, retain=True).wait_for_publish(10)
+        pub.publish("edgeml/v1/plant/dev-5/telemetry", b"", qos=1).wait_for_publish(10)  # telemetry: poison
+        wait_until(lambda: store.error_counts(), what="the empty telemetry counted")
+        pub.disconnect()
+        pub.loop_stop()
+        assert ing.stats.messages == 1  # the state; the cleared topics are not messages to store
+    assert store.error_counts() == {"invalid_json": 1}
+    assert {r.topic for r in store.recent_errors()} == {"edgeml/v1/plant/dev-5/telemetry"}
+    assert store.get_device("plant", "dev-5").reported_state == state
+
+
 @pytest.mark.parametrize("validation", ["fast", "full"])
 def test_full_validation_rejects_a_known_kind_of_the_wrong_type(broker: Broker, store: Store, validation: str) -> None:
     """``ingest.validation: full`` checks known kinds with the protocol models; the default
