@@ -13,6 +13,7 @@ revision), since the rollout engine compares and reads its fields as they are st
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import orjson
@@ -39,7 +40,10 @@ TOPIC_MISMATCH = "topic_mismatch"
 BAD_TOPIC = "bad_topic"
 UNKNOWN_DEVICE = "unknown_device"
 
-KNOWN_KINDS = frozenset({"prediction", "sample", "metrics", "event"})
+#: Every kind of :data:`edgeml.protocol.TelemetryRecord` (``full`` validation checks these).
+KNOWN_KINDS = frozenset(
+    member.model_fields["kind"].default for member in typing.get_args(typing.get_args(TelemetryRecord)[0])
+)
 #: The largest seq both stores keep (SQLite INTEGER, PostgreSQL BIGINT).
 MAX_SEQ = 2**63 - 1
 _RECORDS = TypeAdapter(list[TelemetryRecord])

@@ -37,7 +37,9 @@ TOPICS = Topics("plant", "dev-1")
 
 class Fleet:
     """A coordinator (SQLite, or PostgreSQL with EDGEML_TEST_STORE) with a fleet key, and helpers
-    to register and deploy."""
+    to register and deploy. It validates every record of a known kind against the protocol's
+    models (``validation: full``), and the fixture fails a test whose agent sent anything the
+    coordinator refused."""
 
     def __init__(self, tmp: Path, broker: Broker) -> None:
         self.tmp = tmp
@@ -45,7 +47,8 @@ class Fleet:
         self.keys = tmp / "keys"
         generate_keys(self.keys)
         config = CloudConfig(broker_url=broker.url, db=cloud_db(tmp), http_addr="127.0.0.1:0",
-                             artifact_dir=tmp / "artifacts", signing_key=self.keys / "fleet.key")
+                             artifact_dir=tmp / "artifacts", signing_key=self.keys / "fleet.key",
+                             ingest={"validation": "full"})
         self.coordinator = Coordinator(config).start()
         wait_until(lambda: self.coordinator.desired.is_leader, 10, what="leadership")
         self.http = httpx.Client(base_url=self.coordinator.url, timeout=30)
@@ -82,7 +85,9 @@ class Fleet:
 def fleet(broker: Broker, tmp_path: Path) -> Iterator[Fleet]:
     f = Fleet(tmp_path / "cloud", broker)
     yield f
+    refused = f.coordinator.store.error_counts() and f.coordinator.store.recent_errors()
     f.close()
+    assert not refused, f"the coordinator refused messages of the agent: {refused}"
 
 
 def agent_settings(tmp_path: Path, broker: Broker, fleet: Fleet, model: Path, **extra: Any) -> dict[str, str]:
