@@ -405,10 +405,17 @@ class UpdateManager:
         self._candidate = None
         self.store.switch(info)  # one atomic rename: the device now boots into the new model
         self._activate(model)
+        self.probation = Probation()  # counts from the first prediction the new model serves
         self.record = replace(self.record, probation_started=time.time())
         return Event.SWITCHED
 
     def _do_probation(self) -> Event | None:
+        try:
+            return self._watch_probation()
+        finally:
+            self.probation = None  # the predict path stops counting, whatever the outcome
+
+    def _watch_probation(self) -> Event | None:
         s = self.settings
         record = self.record
         active = self.store.active_info()
@@ -422,29 +429,27 @@ class UpdateManager:
             if crashes >= s.crash_loop_limit:
                 raise UpdateRejected("crash_loop", f"the agent restarted {crashes} times during probation")
         self.record = self.log.save(replace(record, extra={"entered": True}))
-        probe = self.probation = Probation()
+        # the one _do_switching started (predictions since the switch count), or a new one on a resume
+        probe = self.probation = self.probation or Probation()
         started = time.monotonic()
-        try:
-            while not self._stop.wait(0.1):
-                elapsed = time.monotonic() - started
-                n, errors = probe.predictions, probe.errors
-                total = n + errors
-                if total >= max(1, s.probation_min_predictions) and errors / total > s.max_error_rate:
-                    raise UpdateRejected("error_rate", f"{errors} of {total} predictions failed during probation")
-                if s.probation_latency_budget_ms and n >= max(1, s.probation_min_predictions):
-                    p95 = float(np.percentile(probe.latencies, 95)) / 1000
-                    if p95 > s.probation_latency_budget_ms:
-                        raise UpdateRejected("latency", f"p95 latency {p95:.3f} ms exceeds {s.probation_latency_budget_ms} ms")
-                if elapsed >= s.probation_s and (total >= s.probation_min_predictions or elapsed >= 3 * s.probation_s):
-                    self.record = replace(self.record, result="success", reason=None,
-                                          applied_revision=self.record.revision, extra={})
-                    self._event("update_succeeded", data={"revision": self.record.revision, "predictions": n,
-                                                          "errors": errors})
-                    self.store.collect_garbage(keep={self.shadow.model.info.sha256} if self.shadow else set())
-                    return Event.PASSED
-            return None
-        finally:
-            self.probation = None
+        while not self._stop.wait(0.1):
+            elapsed = time.monotonic() - started
+            n, errors = probe.predictions, probe.errors
+            total = n + errors
+            if total >= max(1, s.probation_min_predictions) and errors / total > s.max_error_rate:
+                raise UpdateRejected("error_rate", f"{errors} of {total} predictions failed during probation")
+            if s.probation_latency_budget_ms and n >= max(1, s.probation_min_predictions):
+                p95 = float(np.percentile(probe.latencies, 95)) / 1000
+                if p95 > s.probation_latency_budget_ms:
+                    raise UpdateRejected("latency", f"p95 latency {p95:.3f} ms exceeds {s.probation_latency_budget_ms} ms")
+            if elapsed >= s.probation_s and (total >= s.probation_min_predictions or elapsed >= 3 * s.probation_s):
+                self.record = replace(self.record, result="success", reason=None,
+                                      applied_revision=self.record.revision, extra={})
+                self._event("update_succeeded", data={"revision": self.record.revision, "predictions": n,
+                                                      "errors": errors})
+                self.store.collect_garbage(keep={self.shadow.model.info.sha256} if self.shadow else set())
+                return Event.PASSED
+        return None
 
     def _do_rolling_back(self) -> Event:
         active = self.store.active_info()

@@ -226,7 +226,7 @@ def test_bad_model_rolled_back_good_one_promoted_and_offline_devices_catch_up(ma
     assert accuracy["verdict"] == "fail" and ev["p_value"] < 0.05 and min(ev["samples"].values()) >= 150
     assert ev["accuracy"]["baseline"] - ev["accuracy"]["canary"] > 0.05
     assert [a["action"] for a in bad["audit"]][-2:] == ["rollback", "rolled_back"]
-    wait_until(lambda: site.versions() == {"1.0.0": N}, 20, what="the canary back on 1.0.0")
+    wait_until(lambda: site.versions() == {"1.0.0": N}, 60, what="the canary back on 1.0.0")
 
     # a good release, promoted step by step; the 20 offline devices are not waited for
     good = site.wait_state(site.rollout("mlp@1.1.0", "canary", [10, 50, 100], POLICY), "completed", "rolled_back",
@@ -236,7 +236,7 @@ def test_bad_model_rolled_back_good_one_promoted_and_offline_devices_catch_up(ma
     assert actions.count("promote") == 2 and actions.count("step_started") == 3
     assert {v["verdict"] for v in good["verdicts"]} == {"pass"}
     assert {v["gate"] for v in good["verdicts"]} == {"accuracy", "latency_p95", "psi", "health"}
-    wait_until(lambda: site.versions() == {"1.1.0": N - 20, "1.0.0": 20}, 20, what="online devices on 1.1.0")
+    wait_until(lambda: site.versions() == {"1.1.0": N - 20, "1.0.0": 20}, 60, what="online devices on 1.1.0")
     assert good["cohorts"]["canary"]["devices"] == N
 
     site.sim.connect(offline)  # they come back and take the retained document
@@ -251,7 +251,7 @@ def test_bad_model_rolled_back_good_one_promoted_and_offline_devices_catch_up(ma
     latency = next(v for v in slow["verdicts"] if v["gate"] == "latency_p95")
     assert latency["verdict"] == "fail" and latency["evidence"]["p_value"] < 0.05
     assert latency["evidence"]["p95_growth"] > 0.25 and min(latency["evidence"]["samples"].values()) >= 150
-    wait_until(lambda: site.versions() == {"1.1.0": N}, 20, what="the canary back on 1.1.0")
+    wait_until(lambda: site.versions() == {"1.1.0": N}, 60, what="the canary back on 1.1.0")
 
 
 def test_blue_green_preloads_everywhere_flips_and_flips_back(make_site: Any) -> None:
