@@ -13,7 +13,6 @@ from cloud import Store
 from cloud._config import CloudConfig
 from cloud.api._console import (
     _Watcher,
-    audit_log,
     device_health,
     device_telemetry,
     fleet_overview,
@@ -23,6 +22,7 @@ from cloud.artifacts import ArtifactStore
 from cloud.coordinator import Coordinator
 from cloud.registry.models import ModelRegistry
 from cloud.rollouts import _repo
+from cloud.tokens import audit_entries
 from edgeml._testing import models as modelgen
 
 from ..cloud.conftest import make_store, store, store_url  # noqa: F401  (fixtures: each store kind)
@@ -97,10 +97,10 @@ def test_models_audit_and_change_fingerprints(store: Store, tmp_path: Path) -> N
     with store.transaction(write=True) as tx:
         _repo.audit(tx, "ana", "start", "r1", "release", {"targets": 3})
         _repo.audit(tx, "engine", "rollback", "r1", "gate(s) failed", {"gates": {"accuracy": "fail"}})
-    entries = audit_log(store, rollout="r1", actor=None, limit=10)
+    entries = audit_entries(store, rollout_id="r1", limit=10)  # what the audit view reads (/v1/audit)
     assert [(e["actor"], e["action"]) for e in entries] == [("engine", "rollback"), ("ana", "start")]
     assert entries[0]["evidence"] == {"gates": {"accuracy": "fail"}}
-    assert [e["action"] for e in audit_log(store, rollout=None, actor="ana", limit=10)] == ["start"]
+    assert [e["action"] for e in audit_entries(store, actor="ana", limit=10)] == ["start"]
 
     after = watcher.fingerprint()
     assert after["models"] != before["models"] and after["audit"] != before["audit"]
