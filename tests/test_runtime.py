@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -184,8 +185,10 @@ def test_input_errors_in_process(models: dict[str, Path], tmp_path: Path) -> Non
 def test_tflite_metadata_of_a_cut_file_is_a_clear_error(tmp_path: Path) -> None:
     from edgeml.runtime.tflite_metadata import read_tflite_metadata
 
-    path = modelgen.build_tflite_mlp(tmp_path / "m.tflite", metadata={"edgeml.version": "2.0.0"})
-    assert read_tflite_metadata(path) == {"edgeml.version": "2.0.0"}
+    indented = json.dumps({"inputs": [{"input": [[0.0, 1.0, 2.0, 3.0]]}]}, indent=2)  # newlines are text
+    path = modelgen.build_tflite_mlp(tmp_path / "m.tflite", metadata={"edgeml.version": "2.0.0",
+                                                                        "edgeml.samples": indented, "raw": "\x01\x02"})
+    assert read_tflite_metadata(path) == {"edgeml.version": "2.0.0", "edgeml.samples": indented}  # binary skipped
     raw = path.read_bytes()
     for size in (0, 3, 64, len(raw) // 2):
         (tmp_path / "cut.tflite").write_bytes(raw[:size])

@@ -19,21 +19,28 @@ _U16, _U32, _I32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct
 _MODEL_BUFFERS, _MODEL_METADATA = 4, 6
 _METADATA_NAME, _METADATA_BUFFER = 0, 1
 _BUFFER_DATA, _BUFFER_OFFSET, _BUFFER_SIZE = 0, 1, 2
+_LAYOUT = str.maketrans("", "", "\n\r\t")
 
 
 class _Reader:
     def __init__(self, buf: bytes | mmap.mmap) -> None:
         self.buf = buf
 
+    def at(self, fmt: struct.Struct, pos: int) -> int:
+        # unpack_from counts a negative offset from the end: a corrupt offset must not
+        if not 0 <= pos <= len(self.buf) - fmt.size:
+            raise IndexError(f"offset {pos} outside the file")
+        return fmt.unpack_from(self.buf, pos)[0]
+
     def u32(self, pos: int) -> int:
-        return _U32.unpack_from(self.buf, pos)[0]
+        return self.at(_U32, pos)
 
     def field(self, table: int, index: int) -> int | None:
         """Position of a table's field, or None when the field is absent."""
-        vtable = table - _I32.unpack_from(self.buf, table)[0]
-        if 4 + 2 * index >= _U16.unpack_from(self.buf, vtable)[0]:
+        vtable = table - self.at(_I32, table)
+        if 4 + 2 * index >= self.at(_U16, vtable):
             return None
-        offset = _U16.unpack_from(self.buf, vtable + 4 + 2 * index)[0]
+        offset = self.at(_U16, vtable + 4 + 2 * index)
         return table + offset if offset else None
 
     def deref(self, pos: int) -> int:
@@ -48,7 +55,7 @@ class _Reader:
         return start + 4, self.u32(start)
 
     def bytes_at(self, start: int, length: int) -> bytes:
-        if start + length > len(self.buf):
+        if start < 0 or start + length > len(self.buf):
             raise IndexError("past the end of the file")
         return bytes(self.buf[start : start + length])
 
@@ -91,7 +98,7 @@ def _read(r: _Reader) -> dict[str, str]:
             text = raw.rstrip(b"\x00").decode("utf-8")
         except UnicodeDecodeError:
             continue
-        if text.isprintable():
+        if text.translate(_LAYOUT).isprintable():  # JSON may be indented: newlines and tabs are text
             out[name] = text
     return out
 
@@ -103,5 +110,5 @@ def _buffer_bytes(r: _Reader, buffer: int) -> bytes:
     offset_pos, size_pos = r.field(buffer, _BUFFER_OFFSET), r.field(buffer, _BUFFER_SIZE)
     if offset_pos is None or size_pos is None:
         return b""
-    offset, size = _U64.unpack_from(r.buf, offset_pos)[0], _U64.unpack_from(r.buf, size_pos)[0]
+    offset, size = r.at(_U64, offset_pos), r.at(_U64, size_pos)
     return r.bytes_at(offset, size) if offset > 1 else b""  # 0 and 1 mean "no data" in TFLite's schema

@@ -48,6 +48,25 @@ def test_mangled_models_are_invalid_models(model_bytes: dict[str, bytes], tmp_pa
     inspect()
 
 
+def test_mangled_tflite_metadata_is_read_or_a_value_error(model_bytes: dict[str, bytes], tmp_path: Path) -> None:
+    """The agent's own flatbuffer reader (no LiteRT schema): any mangling gives text entries
+    or ValueError, never another exception (negative offsets included)."""
+    from edgeml.runtime.tflite_metadata import read_tflite_metadata
+
+    @given(data=st.data())
+    @FUZZ
+    def read(data: Any) -> None:
+        path = tmp_path / "m.tflite"
+        path.write_bytes(data.draw(mutated_bytes(model_bytes["tflite_float"])))
+        try:
+            meta = read_tflite_metadata(path)
+        except ValueError:
+            return
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+
+    read()
+
+
 @pytest.mark.parametrize("field", [b"edgeml._testing", b"edgeml.version", b"Gemm", b"input"])
 def test_a_string_field_that_is_not_utf8_is_an_invalid_model(
     model_bytes: dict[str, bytes], tmp_path: Path, field: bytes,
