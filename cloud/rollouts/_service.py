@@ -59,6 +59,7 @@ from ._policy import STRATEGIES, Policy, parse_policy
 from ._targeting import bucket, parse_selector
 
 log = logging.getLogger(__name__)
+_EMPTY: Any = object()
 
 E, S = RolloutEvent, RolloutState
 ENGINE = "engine"
@@ -457,8 +458,8 @@ class RolloutService:
                 (r.fleet, r.id)).fetchall()
             pending = offline = 0
             for device, revision, online, state in rows:
-                reported = repo.loads(state) or {}
-                if revision is not None and (reported.get("applied_revision") or 0) >= revision:
+                applied = _field(repo.loads(state), "applied_revision", None)
+                if revision is not None and type(applied) is int and applied >= revision:
                     tx.execute("UPDATE rollout_devices SET applied = 1 WHERE rollout_id = ? AND device_id = ?",
                                (r.id, device))
                 elif revision is None or not online:
@@ -483,29 +484,17 @@ class RolloutService:
             states = {d.device_id: d.reported_state for d in tx.list_devices(r.fleet) if d.device_id in cohorts}
         samples = {"canary": CohortSamples(), "baseline": CohortSamples()}
         counters: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        malformed = 0
         for device, kind, _ts, body in rows:
             cohort = cohorts.get(device)
             if cohort is None:
                 continue
-            b, s = repo.loads(body), samples[cohort]
-            candidate = b.get("model") == name and b.get("version") == version
-            if kind == "prediction" and candidate == (cohort == "canary"):
-                s.latencies.append(float(b["latency_us"]))
-                top1 = (b.get("summary") or {}).get("top1")
-                if top1 is not None:
-                    s.top1[int(top1)] += 1
-            elif kind == "feedback" and candidate == (cohort == "canary") and (ok := _correct(b)) is not None:
-                s.labeled += 1
-                s.correct += ok
-            elif kind == "metrics":
-                counters[device].append((int(b["predictions_total"]), int(b["prediction_errors_total"])))
-            elif kind == "shadow" and cohort == "canary" and b.get("shadow_version") == version and b.get("compared"):
-                s.shadow_compared += int(b["compared"])
-                s.shadow_agreed += float(b.get("top1_agreement") or 0.0) * int(b["compared"])
-                for key, target in (("latency_us_shadow", s.shadow_latency_p95),
-                                    ("latency_us_primary", s.primary_latency_p95)):
-                    if (b.get(key) or {}).get("p95") is not None:
-                        target.append(float(b[key]["p95"]))
+            try:  # stored as the device sent it (validation: fast): one bad record must not stall the step
+                _add_record(samples[cohort], counters[device], kind, repo.loads(body), cohort, name, version)
+            except (TypeError, ValueError, KeyError, AttributeError):
+                malformed += 1
+        if malformed:
+            log.warning("rollout %s: %d telemetry record(s) of the wrong shape left out of the gates", r.id, malformed)
         for device, seen in counters.items():
             if len(seen) >= 2:
                 s = samples[cohorts[device]]
@@ -513,9 +502,9 @@ class RolloutService:
                 s.errors += max(0, seen[-1][1] - seen[0][1])
         for device, cohort in cohorts.items():
             samples[cohort].devices += 1
-            update = (states.get(device) or {}).get("update") or {}
-            target = update.get("target") or {}
-            if cohort == "canary" and update.get("result") in ("rolled_back", "failed") and target.get("version") == version:
+            update = _field(states.get(device), "update")
+            if cohort == "canary" and update.get("result") in ("rolled_back", "failed") \
+                    and _field(update, "target").get("version") == version:
                 samples[cohort].unhealthy.append(device)
         return samples["canary"], samples["baseline"]
 
@@ -590,3 +579,40 @@ def _summary(r: repo.Rollout) -> dict[str, Any]:
         "updated_at": r.updated_at, "created_by": r.created_by, "approvals": r.approvals, "result": r.result,
         "reason": r.reason,
     }
+
+
+def _field(doc: Any, key: str, default: Any = _EMPTY) -> Any:
+    """``doc[key]`` of a stored JSON object; ``{}`` (or ``default``) when ``doc`` is not an
+    object or the value is missing or, for the ``{}`` default, not an object itself."""
+    value = doc.get(key) if isinstance(doc, dict) else None
+    if default is _EMPTY:
+        return value if isinstance(value, dict) else {}
+    return default if value is None else value
+
+
+def _add_record(s: CohortSamples, counters: list[tuple[int, int]], kind: str, b: dict[str, Any], cohort: str,
+                name: str, version: str) -> None:
+    """One telemetry record into its cohort's samples (raises on a record of the wrong shape)."""
+    candidate = b.get("model") == name and b.get("version") == version
+    if kind == "prediction" and candidate == (cohort == "canary"):
+        latency = float(b["latency_us"])  # read everything first: a bad record adds nothing
+        top1 = (b.get("summary") or {}).get("top1")
+        top1 = None if top1 is None else int(top1)
+        s.latencies.append(latency)
+        if top1 is not None:
+            s.top1[top1] += 1
+    elif kind == "feedback" and candidate == (cohort == "canary") and (ok := _correct(b)) is not None:
+        s.labeled += 1
+        s.correct += ok
+    elif kind == "metrics":
+        counters.append((int(b["predictions_total"]), int(b["prediction_errors_total"])))
+    elif kind == "shadow" and cohort == "canary" and b.get("shadow_version") == version and b.get("compared"):
+        compared = int(b["compared"])
+        agreed = float(b.get("top1_agreement") or 0.0) * compared
+        p95s = [(target, float(b[key]["p95"])) for key, target in (("latency_us_shadow", s.shadow_latency_p95),
+                                                                   ("latency_us_primary", s.primary_latency_p95))
+                if (b.get(key) or {}).get("p95") is not None]
+        s.shadow_compared += compared
+        s.shadow_agreed += agreed
+        for target, value in p95s:
+            target.append(value)
