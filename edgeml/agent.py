@@ -157,32 +157,44 @@ class Agent:
             log.error("cleanup after a failed start: %s", cleanup)
 
     def stop(self) -> None:
+        """Stop everything that runs, each part even if another failed to stop (the first
+        error is raised at the end): no thread, socket or database is left behind."""
         from ._systemd import notify
 
-        notify("STOPPING=1")
+        errors: list[Exception] = []
+
+        def step(what: str, action: Any) -> None:
+            try:
+                action()
+            except Exception as exc:
+                log.error("stopping the %s failed: %s", what, exc)
+                errors.append(exc)
+
+        step("notification", lambda: notify("STOPPING=1"))
         if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+            step("scheduler", lambda: self._scheduler.shutdown(wait=False))
             self._scheduler = None
         if self._announcer is not None:
-            self._announcer.close()
+            step("announcer", self._announcer.close)
             self._announcer = None
         if self._api is not None:
-            self._api.stop()
+            step("local API", self._api.stop)
             self._api = None
         if self._updates is not None:
-            self._updates.stop()
+            step("update worker", self._updates.stop)
             self._updates = None
         if self._buffer is not None:
-            self.event("agent_stopped")
-            self._buffer.flush()
+            step("telemetry flush", lambda: (self.event("agent_stopped"), self._buffer.flush()))
         if self._sync is not None:
-            self._sync.stop()
+            step("MQTT sync", self._sync.stop)
             self._sync = None
         if self._buffer is not None:
-            self._buffer.close()
+            step("telemetry buffer", self._buffer.close)
             self._buffer = None
         self._model = None
         self._running = False
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> Agent:
         return self.start()

@@ -49,6 +49,25 @@ def test_a_busy_api_port_is_a_config_error_and_start_leaves_nothing_running(busy
         assert again.status()["running"] is True
 
 
+def test_stop_stops_every_part_even_when_one_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = _agent_threads()
+    agent = Agent(load_config(env=agent_env(EDGEML_DATA_DIR=tmp_path / "d", EDGEML_API_ADDR=f"127.0.0.1:{free_port()}")))
+    agent.start()
+    assert _agent_threads() != before
+
+    def broken() -> None:
+        raise OSError("the local API would not close")
+
+    api = agent._api
+    monkeypatch.setattr(api, "stop", broken)
+    with pytest.raises(OSError, match="would not close"):
+        agent.stop()  # the first error, raised after every other part was stopped
+    assert agent._buffer is None and agent._updates is None and agent._sync is None
+    assert [t for t in _agent_threads() if t not in before and t != "edgeml-api"] == []
+    monkeypatch.undo()
+    api.stop()  # what the failed part left: this test's own cleanup
+
+
 def test_a_data_dir_that_cannot_be_created_is_a_config_error(tmp_path: Path) -> None:
     agent = Agent(load_config(env=agent_env(EDGEML_DATA_DIR=IMPOSSIBLE_DIR, EDGEML_API_ADDR="off")))
     with pytest.raises(ConfigError, match="data_dir") as info:
