@@ -132,14 +132,16 @@ def status(device: str, payload: bytes, *, limit: int) -> dict[str, Any]:
     return doc
 
 
-def state(payload: bytes, *, limit: int) -> dict[str, Any]:
-    """The reported state, checked strictly against ``ReportedState``; returned as sent
-    (fields the model does not know are kept)."""
+def state(fleet: str, device: str, payload: bytes, *, limit: int) -> dict[str, Any]:
+    """The reported state, checked strictly against ``ReportedState`` and against its topic;
+    returned as sent (fields the model does not know are kept)."""
     doc = load_object(payload, limit)
     try:
         ReportedState.model_validate(doc, strict=True)
     except ValidationError as exc:
         raise PoisonMessage(WRONG_SCHEMA, str(exc).splitlines()[0] + ": " + _first_error(exc)) from exc
+    if doc["fleet"] != fleet or doc["device"] != device:
+        raise PoisonMessage(TOPIC_MISMATCH, f"payload is for {doc['fleet']!r}/{doc['device']!r}")
     return doc
 
 

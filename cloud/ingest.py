@@ -281,7 +281,7 @@ class Ingestor:
             elif item.leaf == STATUS:
                 item.doc = _parse.status(item.device, payload, limit=limit)
             else:
-                item.doc = _parse.state(payload, limit=limit)
+                item.doc = _parse.state(item.fleet, item.device, payload, limit=limit)
             self._check_device(item.fleet, item.device)
         except PoisonMessage as exc:
             item.poison, item.batch, item.doc = exc, None, None

@@ -191,7 +191,8 @@ def test_a_malformed_reported_state_is_poison_and_ingestion_goes_on(broker: Brok
     with ingestor(store, broker) as ing:
         pub = publisher(broker)
         topic = "edgeml/v1/plant/dev-4/state"
-        for bad in ({"applied_revision": "1"}, {**good, "applied_revision": "1"}, {**good, "update": 5}):
+        for bad in ({"applied_revision": "1"}, {**good, "applied_revision": "1"}, {**good, "update": 5},
+                    {**good, "device": "dev-5"}):
             pub.publish(topic, orjson.dumps(bad), qos=1).wait_for_publish(10)
         pub.publish(topic, orjson.dumps(good), qos=1).wait_for_publish(10)
         pub.publish("edgeml/v1/plant/dev-4/telemetry", batch("dev-4", range(1, 6)), qos=1).wait_for_publish(10)
@@ -199,7 +200,7 @@ def test_a_malformed_reported_state_is_poison_and_ingestion_goes_on(broker: Brok
         wait_until(lambda: store.get_device("plant", "dev-4").reported_state, what="the valid state")
         pub.disconnect()
         pub.loop_stop()
-    assert store.error_counts() == {"wrong_schema": 3} == ing.stats.poison
+    assert store.error_counts() == {"wrong_schema": 3, "topic_mismatch": 1} == ing.stats.poison
     assert store.get_device("plant", "dev-4").reported_state == good  # as sent, the unknown field too
     assert {r.topic for r in store.recent_errors()} == {"edgeml/v1/plant/dev-4/state"}
 

@@ -94,7 +94,7 @@ def test_telemetry_parses_or_is_poison(payload: bytes, full: bool) -> None:
 @given(payload=status_payloads() | st.binary(max_size=40))
 @FUZZ
 def test_status_and_state_parse_or_are_poison(payload: bytes) -> None:
-    for parse in (lambda: _parse.status("dev-1", payload, limit=LIMIT), lambda: _parse.state(payload, limit=LIMIT)):
+    for parse in (lambda: _parse.status("dev-1", payload, limit=LIMIT), lambda: _parse.state("plant", "dev-1", payload, limit=LIMIT)):
         try:
             assert isinstance(parse(), dict)
         except PoisonMessage as exc:
