@@ -67,7 +67,8 @@ class Conflict(StoreError):
 class Unstorable(StoreError):
     """A value the store cannot keep: a string holding a NUL character (``\\u0000``,
     which PostgreSQL's text and jsonb refuse) or a lone UTF-16 surrogate (not UTF-8).
-    Refused on either store, so SQLite and PostgreSQL answer alike."""
+    In JSON values (tags, states, metadata) and for surrogates both stores refuse it
+    alike; a NUL in a plain text field is refused by PostgreSQL only (SQLite keeps it)."""
 
     transient = False
 

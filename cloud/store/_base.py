@@ -60,6 +60,15 @@ _DEVICE_COLUMNS = (
 )
 
 
+@contextlib.contextmanager
+def unstorable_text(dialect: str) -> Iterator[None]:
+    """Binding a string that is not UTF-8 (a lone surrogate) is bad input: Unstorable."""
+    try:
+        yield
+    except UnicodeEncodeError as exc:
+        raise Unstorable(f"{dialect} store: a string is not valid UTF-8 ({exc.reason})") from exc
+
+
 def _json_in(value: Any) -> str | None:
     if value is None:
         return None
@@ -107,13 +116,16 @@ class Transaction(ABC):
     for_update = ""
     #: The two-argument maximum function of the dialect.
     greatest = "max"
+    #: The backend's name, for messages.
+    dialect = "sqlite"
 
     def __init__(self, cursor: Any) -> None:
         self.cursor = cursor
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement written with ``?`` placeholders; return the cursor."""
-        self.cursor.execute(sql, params)
+        with unstorable_text(self.dialect):
+            self.cursor.execute(sql, params)
         return self.cursor
 
     @abstractmethod
@@ -548,8 +560,6 @@ class Store(ABC):
                 self._end(conn, commit=True)
         except self.driver_errors as exc:
             raise self._translate(exc) from exc
-        except UnicodeEncodeError as exc:  # a lone surrogate in a bound string
-            raise Unstorable(f"{self.dialect} store: a string is not valid UTF-8 ({exc.reason})") from exc
 
     def close(self) -> None:
         self._pool.close()

@@ -20,7 +20,7 @@ import orjson
 import psycopg
 
 from .._exceptions import Conflict, StoreError, Unstorable
-from ._base import Store, StreamKey, Transaction
+from ._base import Store, StreamKey, Transaction, unstorable_text
 
 
 @functools.lru_cache(maxsize=256)
@@ -32,9 +32,11 @@ def _pg(sql: str) -> str:
 class _PostgresTx(Transaction):
     for_update = " FOR UPDATE"
     greatest = "GREATEST"
+    dialect = "postgresql"
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        self.cursor.execute(_pg(sql), params)
+        with unstorable_text(self.dialect):
+            self.cursor.execute(_pg(sql), params)
         return self.cursor
 
     def _insert_rows(self, key: StreamKey, records: Sequence[Mapping[str, Any]], received_at: float) -> int:
