@@ -18,7 +18,7 @@ import pytest
 from onnx import numpy_helper
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud import Coordinator
+from cloud import Coordinator, open_store
 from cloud._config import CloudConfig
 from cloud.keys import generate_keys
 from edgeml import Agent, load_config
@@ -46,7 +46,7 @@ class Fleet:
         self.broker = broker
         self.keys = tmp / "keys"
         generate_keys(self.keys)
-        config = CloudConfig(broker_url=broker.url, db=cloud_db(tmp), http_addr="127.0.0.1:0",
+        self.config = config = CloudConfig(broker_url=broker.url, db=cloud_db(tmp), http_addr="127.0.0.1:0",
                              artifact_dir=tmp / "artifacts", signing_key=self.keys / "fleet.key",
                              ingest={"validation": "full"})
         self.coordinator = Coordinator(config).start()
@@ -85,8 +85,9 @@ class Fleet:
 def fleet(broker: Broker, tmp_path: Path) -> Iterator[Fleet]:
     f = Fleet(tmp_path / "cloud", broker)
     yield f
-    refused = f.coordinator.store.error_counts() and f.coordinator.store.recent_errors()
-    f.close()
+    f.close()  # stopping drains what the ingestor had received
+    with open_store(f.config.store_url) as store:
+        refused = store.error_counts() and store.recent_errors()
     assert not refused, f"the coordinator refused messages of the agent: {refused}"
 
 
