@@ -60,6 +60,32 @@ def test_errors_in_service_roll_back_with_reason_error_rate(
     assert any(r.get("name") == "update_rolled_back" for r in records)
 
 
+def test_probation_counts_from_the_first_prediction_the_new_model_serves(
+    broker: Broker, collector: Collector, fleet: Fleet, models: dict[str, Path], tmp_path: Path,
+) -> None:
+    """Predictions the new model serves between the switch and the saved probation state are
+    the probation's too: here every prediction of the probation falls in that window."""
+    fleet.register(models["onnx_float"], "1.0.0")
+    fleet.register(models["onnx_v2"], "2.0.0")
+    served: list[str] = []
+    with make_agent(tmp_path, broker, fleet, models["onnx_float"], EDGEML_UPDATES__PROBATION_S=0.3) as agent:
+        save = agent._updates.log.save
+
+        def serve_then_save(record: Any, *args: Any) -> Any:  # requests while the probation state is saved
+            if record.state.value == "probation" and not served:
+                served.extend(agent.predict({"input": X}).version for _ in range(7))
+            return save(record, *args)
+
+        agent._updates.log.save = serve_then_save
+        doc = fleet.deploy("mlp@2.0.0")
+        status = wait_until(lambda: finished(agent, doc["revision"]), 30, what="the update")
+        assert status["update"]["result"] == "success" and served == ["2.0.0"] * 7
+        wait_until(lambda: [r for r in collector.records() if r.get("name") == "update_succeeded"], 10,
+                   what="the success event")
+    success = next(r["data"] for r in collector.records() if r.get("name") == "update_succeeded")
+    assert (success["predictions"], success["errors"]) == (7, 0)
+
+
 def test_a_crash_loop_during_probation_rolls_back_on_restart(
     broker: Broker, collector: Collector, fleet: Fleet, models: dict[str, Path], tmp_path: Path, agent_process,
 ) -> None:
