@@ -123,8 +123,10 @@ class DesiredStates:
 
     def deploy(
         self, fleet: str, device: str, model: str | None, shadow: str | None = None, expires_in: int | None = None,
+        *, if_revision: int | None = None,
     ) -> dict[str, Any]:
         """Issue the device's next desired state with these models; return the signed document.
+        ``if_revision``: only over that revision (a read-modify-write), else :class:`Conflict`.
 
         :class:`NotFound` for an unknown model, or an unknown device when only
         pre-registered devices are accepted; :class:`NotLeader` off the leader;
@@ -140,7 +142,7 @@ class DesiredStates:
             self._require_registered(fleet, device)
         refs = self._model_ref(model), self._model_ref(shadow)
         try:
-            return writer.set(fleet, device, refs[0], refs[1], expires_in)
+            return writer.set(fleet, device, refs[0], refs[1], expires_in, if_revision=if_revision)
         except PublishError:
             self._wake.set()  # stored: the republish worker sends it once the broker takes it
             raise

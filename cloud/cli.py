@@ -327,10 +327,11 @@ def _fleet_deploy(args: argparse.Namespace) -> int:
     if args.expires_in is not None and args.expires_in <= 0:
         raise _UsageError(f"--expires-in must be > 0 seconds, got {args.expires_in}")
     with _client() as client:
-        model, shadow = args.model, args.shadow
-        if shadow is True:  # `--shadow` alone: N@V shadows what the device runs now
-            model, shadow = _assigned_model(client, args.fleet, args.device), args.model
-        doc = client.deploy(args.fleet, args.device, model, shadow=shadow, expires_in=args.expires_in)
+        model, shadow, revision = args.model, args.shadow, None
+        if shadow is True:  # `--shadow` alone: N@V shadows what the device is assigned now, if still so
+            (model, revision), shadow = _assigned_model(client, args.fleet, args.device), args.model
+        doc = client.deploy(args.fleet, args.device, model, shadow=shadow, expires_in=args.expires_in,
+                            if_revision=revision)
 
     def text(d: dict[str, Any]) -> str:
         shadow = f", shadow {_ref_text(d['shadow'])}" if d.get("shadow") else ""
@@ -339,20 +340,22 @@ def _fleet_deploy(args: argparse.Namespace) -> int:
     return _emit(args, doc, text)
 
 
-def _assigned_model(client: Any, fleet: str, device: str) -> str:
-    """``name@version`` of the model the device's desired state assigns, for ``--shadow``."""
+def _assigned_model(client: Any, fleet: str, device: str) -> tuple[str, int]:
+    """``name@version`` of the model the device's desired state assigns, and that document's
+    revision (the deploy is made over it only), for ``--shadow``."""
     from .client import CoordinatorError
 
     try:
-        current = client.desired(fleet, device).get("model")
+        doc = client.desired(fleet, device)
     except CoordinatorError as exc:
         if exc.status != 404:
             raise
-        current = None
+        doc = {}
+    current = doc.get("model")
     if not current:
         raise _UsageError(f"{fleet}/{device} has no model assigned to shadow: "
                           f"deploy one first (edgeml fleet deploy {device} NAME@VERSION)")
-    return f"{current['name']}@{current['version']}"
+    return f"{current['name']}@{current['version']}", int(doc["revision"])
 
 
 def _fleet_desired(args: argparse.Namespace) -> int:

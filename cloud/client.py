@@ -132,9 +132,10 @@ class CloudClient:
         return self.request("GET", f"/v1/devices/{_q(fleet)}/{_q(device)}/desired")
 
     def deploy(self, fleet: str, device: str, model: str | None, *, shadow: str | None = None,
-               expires_in: int | None = None) -> dict[str, Any]:
-        """Set the device's desired state (``name@version`` or ``name@alias``); the signed document."""
-        body = {"model": model, "shadow": shadow, "expires_in": expires_in}
+               expires_in: int | None = None, if_revision: int | None = None) -> dict[str, Any]:
+        """Set the device's desired state (``name@version`` or ``name@alias``); the signed document.
+        ``if_revision``: only over that revision, else CoordinatorError 409."""
+        body = {"model": model, "shadow": shadow, "expires_in": expires_in, "if_revision": if_revision}
         return self.request("PUT", f"/v1/devices/{_q(fleet)}/{_q(device)}/desired", json=body)
 
     # ------------------------------------------------------------------ rollouts

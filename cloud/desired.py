@@ -53,7 +53,7 @@ from edgeml._config import TLSFiles, parse_broker_url
 from edgeml.protocol import DesiredState, ModelRef, Topics
 from edgeml.protocol.signing import load_private_key, sign_document
 
-from ._exceptions import CloudError, ConfigError, NotLeader, PublishError
+from ._exceptions import CloudError, ConfigError, Conflict, NotLeader, PublishError
 from .store import Store, Transaction
 
 #: A model of a desired-state document: a reference, its dict, or None (no model).
@@ -123,10 +123,14 @@ class DesiredStateWriter:
     def set(
         self, fleet: str, device: str, model: ModelRef | Mapping[str, Any] | None = None,
         shadow: ModelRef | Mapping[str, Any] | None = None, expires_in: int | None = None,
+        *, if_revision: int | None = None,
     ) -> dict[str, Any]:
-        """Issue the next revision of ``device``'s desired state; return the signed document."""
-        signed = self._issue(fleet, device, model, shadow, expires_in, over_revision=None)
-        assert signed is not None  # only a conditional re-issue skips
+        """Issue the next revision of ``device``'s desired state; return the signed document.
+        With ``if_revision``, only over that revision (0: no document yet), else :class:`Conflict`."""
+        signed = self._issue(fleet, device, model, shadow, expires_in, over_revision=if_revision)
+        if signed is None:
+            raise Conflict(f"{fleet}/{device}: its desired state is no longer revision {if_revision} "
+                           "(written meanwhile); read it again")
         return signed
 
     def _issue(

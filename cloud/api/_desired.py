@@ -25,6 +25,8 @@ class DesiredIn(BaseModel):
     model: str | None = Field(description="name@version or name@alias; null: no model")
     shadow: str | None = Field(None, description="a model run beside it on the same inputs, or null")
     expires_in: int | None = Field(None, gt=0, description="seconds until the document expires; null: never")
+    if_revision: int | None = Field(None, ge=0, description="only if the device's current revision is this one "
+                                    "(0: none yet), else 409: a read-modify-write never overwrites a newer document")
 
 
 def desired_router(states: DesiredStates) -> APIRouter:
@@ -41,6 +43,6 @@ def desired_router(states: DesiredStates) -> APIRouter:
 
         Only the leader replica writes (409 elsewhere). A 503 after the document was
         stored means the broker did not take it: retry, or a new leader republishes it."""
-        return states.deploy(fleet, device, body.model, body.shadow, body.expires_in)
+        return states.deploy(fleet, device, body.model, body.shadow, body.expires_in, if_revision=body.if_revision)
 
     return router

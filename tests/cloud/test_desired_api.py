@@ -159,6 +159,13 @@ def test_cli_deploy_then_desired(broker: Broker, store_url: str, models: dict[st
         assert (doc["revision"], doc["model"]["version"], doc["shadow"]["version"]) == (2, "1.0.0", "2.0.0")
         out = cli(coordinator.url, "fleet", "deploy", "dev-9", "mlp@2.0.0", "--shadow", "--fleet", "plant")
         assert out.returncode != 0 and "plant/dev-9 has no model assigned to shadow" in out.stderr
+        # what `--shadow` alone sends: over the revision it read, never over a newer one
+        stale = http.put("/v1/devices/plant/dev-1/desired", json={"model": "mlp@1.0.0", "if_revision": 1})
+        assert (stale.status_code, stale.json()["error"]) == (409, "Conflict") and "revision 1" in stale.json()["detail"]
+        fresh = http.put("/v1/devices/plant/dev-1/desired", json={"model": "mlp@1.0.0", "if_revision": 2})
+        assert fresh.status_code == 200 and fresh.json()["revision"] == 3
+        assert http.put("/v1/devices/plant/dev-7/desired", json={"model": "mlp@1.0.0", "if_revision": 0}).json()[
+            "revision"] == 1  # 0: the device has no document yet
 
 
 def test_deploy_many_issues_a_batch_and_says_which_devices_could_not_take_it(
