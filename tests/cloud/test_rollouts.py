@@ -276,15 +276,21 @@ def _fail_collect_of(service: RolloutService, rollout_id: str, monkeypatch: pyte
     monkeypatch.setattr(service, "collect", failing)
 
 
+def _broken_and_good(service: RolloutService, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict]:
+    """A rollout whose evaluation raises (on env=dev) beside a good one (on env=prod)."""
+    broken = service.start("mlp@3.0.0", "canary", "env=dev", steps=[50, 100], policy=FAST, actor="ana", fleet=FLEET,
+                           salt="t1")  # a fixed salt: its first step draws canary devices
+    _fail_collect_of(service, broken["id"], monkeypatch)
+    good = service.start("mlp@2.0.0", "canary", "env=prod", steps=[25, 50, 100], policy=FAST, actor="ana",
+                         fleet=FLEET)
+    return broken, good
+
+
 def test_a_rollout_whose_evaluation_raises_does_not_stop_the_others(
         world: tuple[RolloutService, SimulatedDevices], caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
     service, devices = world
-    broken = service.start("mlp@3.0.0", "canary", "env=dev", steps=[50, 100], policy=FAST, actor="ana", fleet=FLEET,
-                           salt="t1")  # a fixed salt: its first step draws canary devices
-    good = service.start("mlp@2.0.0", "canary", "env=prod", steps=[25, 50, 100], policy=FAST, actor="ana",
-                         fleet=FLEET)
-    _fail_collect_of(service, broken["id"], monkeypatch)
+    broken, good = _broken_and_good(service, monkeypatch)
     status = drive(service, devices, good["id"])
     assert status["state"] == "completed", status["reason"]
     assert service.status(broken["id"])["state"] == "running"  # retried every tick
@@ -298,11 +304,7 @@ def test_the_rollout_thread_survives_a_rollout_whose_evaluation_raises(
     from ..conftest import wait_until
 
     service, devices = world
-    broken = service.start("mlp@3.0.0", "canary", "env=dev", steps=[50, 100], policy=FAST, actor="ana", fleet=FLEET,
-                           salt="t1")  # a fixed salt: its first step draws canary devices
-    _fail_collect_of(service, broken["id"], monkeypatch)
-    good = service.start("mlp@2.0.0", "canary", "env=prod", steps=[25, 50, 100], policy=FAST, actor="ana",
-                         fleet=FLEET)
+    broken, good = _broken_and_good(service, monkeypatch)
     service.start_background(interval_s=0.01)
     try:
         def completed() -> bool:
