@@ -42,7 +42,7 @@ from .._exceptions import NotFound
 from ..console import STATIC
 from ..registry.models import model_json
 from ..rollouts._stats import psi
-from ._routes import _ids, device_json
+from ._routes import _ids, device_detail
 
 if TYPE_CHECKING:
     from ..registry.models import ModelRegistry
@@ -129,9 +129,8 @@ def _data_routes(router: APIRouter, store: Store, registry: ModelRegistry, rollo
         """A device's telemetry aggregated per time bucket over the last ``window_s`` seconds."""
         _ids(fleet, device)
         with store.transaction() as tx:
-            d = tx.get_device(fleet, device)
-            streams = tx.device_counters(fleet, device)
-        return {"device": device_json(d, streams=streams), **device_telemetry(store, fleet, device, time.time(), window_s, buckets)}
+            doc = device_detail(tx, fleet, device)
+        return {"device": doc, **device_telemetry(store, fleet, device, time.time(), window_s, buckets)}
 
     @router.get("/v1/console/models", tags=["console"])
     def models() -> dict[str, Any]:

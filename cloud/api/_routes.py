@@ -14,7 +14,7 @@ from edgeml.protocol import check_id
 
 from .._exceptions import InvalidInput
 from ..registry.models import ModelRegistry, model_json, parse_ref
-from ..store import Device, DeviceTotals, Store, StreamCounters
+from ..store import Device, DeviceTotals, Store, StreamCounters, Transaction
 
 
 class DeviceIn(BaseModel):
@@ -41,28 +41,22 @@ def _ids(fleet: str, device: str) -> None:
 
 
 def device_json(d: Device, totals: DeviceTotals | None = None, streams: dict[str, StreamCounters] | None = None) -> dict[str, Any]:
-    """A device with its ingestion counters (and per stream if ``streams`` is given).
-
-    With ``streams``: ``records``, ``gaps`` and ``duplicates`` are sums over the streams;
-    ``max_contiguous_seq`` is that of the device's current stream, the one written to
-    last (latest ``last_seen``; the newer stream on a tie). Each stream numbers its seqs
-    from 1 (a reinstalled agent starts a new one), so a sum of them means nothing.
-    """
+    """A device with its ingestion counters (:meth:`Transaction.device_totals`: sums over its
+    streams, ``max_contiguous_seq`` its current stream's) and, if given, each stream's own."""
     doc = dataclasses.asdict(d)
     if streams is not None:
-        counters = list(streams.values())  # oldest stream first
-        current = max(enumerate(counters), key=lambda ic: (ic[1].last_seen, ic[0]), default=None)
-        totals = DeviceTotals(
-            records=sum(c.records for c in counters),
-            max_contiguous_seq=current[1].max_contiguous_seq if current else 0,
-            gaps=sum(c.gaps for c in counters), duplicates=sum(c.duplicates for c in counters),
-            last_seen=current[1].last_seen if current else None,
-        )
-        doc["streams"] = [dataclasses.asdict(c) for c in counters]
+        doc["streams"] = [dataclasses.asdict(c) for c in streams.values()]  # oldest stream first
     totals = totals or DeviceTotals()
     doc.update(records=totals.records, max_contiguous_seq=totals.max_contiguous_seq, gaps=totals.gaps,
                duplicates=totals.duplicates)
     return doc
+
+
+def device_detail(tx: Transaction, fleet: str, device: str) -> dict[str, Any]:
+    """One device as :func:`device_json` shows it, with every stream; NotFound if unknown."""
+    d = tx.get_device(fleet, device)
+    totals = tx.device_totals(fleet, device).get((fleet, device))
+    return device_json(d, totals, tx.device_counters(fleet, device))
 
 
 def _row(row: Any) -> dict[str, Any]:
@@ -101,9 +95,7 @@ def device_router(store: Store) -> APIRouter:
         every stream's own counters, oldest first."""
         _ids(fleet, device)
         with store.transaction() as tx:
-            d = tx.get_device(fleet, device)
-            streams = tx.device_counters(fleet, device)
-        return device_json(d, streams=streams)
+            return device_detail(tx, fleet, device)
 
     @router.put("/v1/devices/{fleet}/{device}")
     def preregister_device(fleet: str, device: str, body: DeviceIn, response: Response) -> dict[str, Any]:
@@ -113,9 +105,10 @@ def device_router(store: Store) -> APIRouter:
         _ids(fleet, device)
         with store.transaction(write=True) as tx:
             created = tx.find_device(fleet, device) is None
-            d = tx.upsert_device(fleet, device, tags=body.tags, hardware_profile=body.hardware_profile, pre_registered=True)
+            tx.upsert_device(fleet, device, tags=body.tags, hardware_profile=body.hardware_profile, pre_registered=True)
+            doc = device_detail(tx, fleet, device)
         response.status_code = 201 if created else 200
-        return device_json(d, streams=store.device_counters(fleet, device))
+        return doc
 
     @router.get("/v1/devices/{fleet}/{device}/telemetry")
     def device_telemetry(

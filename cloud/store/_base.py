@@ -314,8 +314,8 @@ class Transaction(ABC):
         rows = self.execute(sql + " ORDER BY ts DESC, seq DESC LIMIT ?", (*params, limit)).fetchall()
         return [TelemetryRow(r[0], r[1], r[2], r[3], r[4], r[5], _json_out(r[6]), r[7]) for r in rows]
 
-    def device_totals(self, fleet: str | None = None) -> dict[tuple[str, str], DeviceTotals]:
-        """Counters of every device, keyed by (fleet, device): records, gaps and duplicates
+    def device_totals(self, fleet: str | None = None, device: str | None = None) -> dict[tuple[str, str], DeviceTotals]:
+        """Counters of every device (or of ``device``), keyed by (fleet, device): records, gaps and duplicates
         summed over its streams; ``max_contiguous_seq`` that of its current stream (written to
         last; the newer on a tie): each stream numbers from 1, so a sum would mean nothing."""
         sql = (
@@ -323,10 +323,10 @@ class Transaction(ABC):
             "WHERE s.fleet = c.fleet AND s.device_id = c.device_id ORDER BY s.last_seen DESC, s.first_seen DESC "
             "LIMIT 1), SUM(gaps), SUM(duplicates), MAX(last_seen) FROM ingest_counters AS c"
         )
-        params: tuple[Any, ...] = ()
-        if fleet is not None:
-            sql, params = sql + " WHERE c.fleet = ?", (fleet,)
-        rows = self.execute(sql + " GROUP BY c.fleet, c.device_id", params).fetchall()
+        where = [(column, value) for column, value in (("c.fleet", fleet), ("c.device_id", device)) if value is not None]
+        if where:
+            sql += " WHERE " + " AND ".join(f"{column} = ?" for column, _ in where)
+        rows = self.execute(sql + " GROUP BY c.fleet, c.device_id", tuple(v for _, v in where)).fetchall()
         return {(r[0], r[1]): DeviceTotals(int(r[2]), int(r[3]), int(r[4]), int(r[5]), r[6]) for r in rows}
 
     def ingest_summary(self, *, lag_window_s: float = 300.0, now: float | None = None) -> dict[str, float]:
@@ -616,10 +616,10 @@ class Store(ABC):
         with self.transaction() as tx:
             return tx.latest_telemetry(**filters)
 
-    def device_totals(self, fleet: str | None = None) -> dict[tuple[str, str], DeviceTotals]:
+    def device_totals(self, fleet: str | None = None, device: str | None = None) -> dict[tuple[str, str], DeviceTotals]:
         """Ingestion counters of every device (see :meth:`Transaction.device_totals`)."""
         with self.transaction() as tx:
-            return tx.device_totals(fleet)
+            return tx.device_totals(fleet, device)
 
     def ingest_summary(self, **options: Any) -> dict[str, float]:
         with self.transaction() as tx:
