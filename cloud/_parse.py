@@ -110,10 +110,10 @@ def telemetry(fleet: str, device: str, payload: bytes, *, limit: int, full: bool
                 or type(r.get("kind")) is not str:
             raise PoisonMessage(WRONG_SCHEMA, f"records[{i}] needs seq (int 1..2^63-1), ts (number), kind (string)")
     if full:
-        known = [i for i, r in enumerate(records) if r["kind"] in KNOWN_KINDS]
         try:
-            _RECORDS.validate_python([records[i] for i in known])
+            _RECORDS.validate_python([r for r in records if r["kind"] in KNOWN_KINDS])
         except ValidationError as exc:
+            known = [i for i, r in enumerate(records) if r["kind"] in KNOWN_KINDS]  # only to name the record
             err = exc.errors()[0]
             where, rest = err["loc"][0], err["loc"][2:]  # (index among known, kind tag, field...)
             field = "".join(f".{p}" for p in rest)
