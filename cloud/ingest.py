@@ -96,7 +96,6 @@ class _Message:
     batch: TelemetryBatchIn | None = None
     doc: dict[str, Any] | None = None
     poison: PoisonMessage | None = None
-    cleared: bool = False  # an empty …/status or …/state: a retained message deleted, nothing to store
 
 
 @dataclass(slots=True)
@@ -272,9 +271,8 @@ class Ingestor:
         limit = self.config.max_payload_bytes
         try:
             item.fleet, item.device, item.leaf = _parse.split_topic(item.topic)
-            if not payload and item.leaf in (STATUS, STATE):  # how MQTT deletes a retained message
-                item.cleared = True
-                return 0
+            if not payload and item.leaf in (STATUS, STATE):  # how MQTT deletes a retained message:
+                return 0  # no batch, no document: nothing to store
             if item.leaf == TELEMETRY:
                 full = self.config.validation == "full"
                 item.batch = _parse.telemetry(item.fleet, item.device, payload, limit=limit, full=full)
@@ -342,7 +340,7 @@ class Ingestor:
         results = tx.insert_many((m.batch for m in pending if m.batch is not None), received_at=now)
         devices: dict[tuple[str, str], list[_Message]] = {}
         for m in pending:
-            if m.poison is None and not m.cleared:
+            if m.batch is not None or m.doc is not None:  # not poison, not a cleared retained message
                 devices.setdefault((m.fleet, m.device), []).append(m)
         for fleet, device in sorted(devices):  # sorted: replicas lock rows in one order
             tx.touch_device(fleet, device, now)
