@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from edgeml.runtime.tflite_metadata import read_tflite_metadata
+from edgeml.runtime.tflite_metadata import read_tflite_metadata_bytes
 
 from .._exceptions import CloudError, InvalidModel
 
@@ -234,7 +234,7 @@ def _inspect_tflite(path: Path) -> dict[str, Any]:
         raise InvalidModel(f"{path} is not a valid TFLite model: {reason}") from exc
     buf = path.read_bytes()
     try:
-        return {**_read_tflite(schema, schema.Model.GetRootAs(buf, 0)), "metadata": read_tflite_metadata(path)}
+        return {**_read_tflite(schema, schema.Model.GetRootAs(buf, 0)), "metadata": read_tflite_metadata_bytes(buf)}
     except (IndexError, ValueError, UnicodeDecodeError, struct.error) as exc:
         raise InvalidModel(f"{path} is not a valid TFLite model: {exc}") from exc
 

@@ -77,6 +77,14 @@ def read_tflite_metadata(path: str | Path) -> dict[str, str]:
             buf.close()
 
 
+def read_tflite_metadata_bytes(buf: bytes) -> dict[str, str]:
+    """:func:`read_tflite_metadata` of a file already in memory."""
+    try:
+        return _read(_Reader(buf))
+    except (struct.error, IndexError) as exc:
+        raise ValueError(f"not a readable TFLite flatbuffer ({exc})") from exc
+
+
 def _read(r: _Reader) -> dict[str, str]:
     model = r.deref(0)
     buffers, n_buffers = r.vector(model, _MODEL_BUFFERS)
