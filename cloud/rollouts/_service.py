@@ -59,7 +59,6 @@ from ._policy import STRATEGIES, Policy, parse_policy
 from ._targeting import bucket, parse_selector
 
 log = logging.getLogger(__name__)
-_EMPTY: Any = object()
 
 E, S = RolloutEvent, RolloutState
 ENGINE = "engine"
@@ -458,7 +457,8 @@ class RolloutService:
                 (r.fleet, r.id)).fetchall()
             pending = offline = 0
             for device, revision, online, state in rows:
-                applied = _field(repo.loads(state), "applied_revision", None)
+                reported = repo.loads(state)
+                applied = reported.get("applied_revision") if isinstance(reported, dict) else None
                 if revision is not None and type(applied) is int and applied >= revision:
                     tx.execute("UPDATE rollout_devices SET applied = 1 WHERE rollout_id = ? AND device_id = ?",
                                (r.id, device))
@@ -502,9 +502,9 @@ class RolloutService:
                 s.errors += max(0, seen[-1][1] - seen[0][1])
         for device, cohort in cohorts.items():
             samples[cohort].devices += 1
-            update = _field(states.get(device), "update")
+            update = _object(states.get(device), "update")
             if cohort == "canary" and update.get("result") in ("rolled_back", "failed") \
-                    and _field(update, "target").get("version") == version:
+                    and _object(update, "target").get("version") == version:
                 samples[cohort].unhealthy.append(device)
         return samples["canary"], samples["baseline"]
 
@@ -581,13 +581,10 @@ def _summary(r: repo.Rollout) -> dict[str, Any]:
     }
 
 
-def _field(doc: Any, key: str, default: Any = _EMPTY) -> Any:
-    """``doc[key]`` of a stored JSON object; ``{}`` (or ``default``) when ``doc`` is not an
-    object or the value is missing or, for the ``{}`` default, not an object itself."""
+def _object(doc: Any, key: str) -> dict[str, Any]:
+    """``doc[key]`` of a stored JSON document when both are objects, else ``{}``."""
     value = doc.get(key) if isinstance(doc, dict) else None
-    if default is _EMPTY:
-        return value if isinstance(value, dict) else {}
-    return default if value is None else value
+    return value if isinstance(value, dict) else {}
 
 
 def _add_record(s: CohortSamples, counters: list[tuple[int, int]], kind: str, b: dict[str, Any], cohort: str,
