@@ -56,6 +56,7 @@ import orjson
 
 from ._exceptions import StorageError
 from ._json import dumps
+from ._memory import Trimmer
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,12 @@ ROW_OVERHEAD = 32
 _KEY = operator.itemgetter(2, 3, 5)
 _TAG = operator.itemgetter(0)  # 1 for a prediction queued by append_prediction, else 0
 SCHEMA_VERSION = 2
+#: SQLite page cache of the buffer's connection (KiB).
+PAGE_CACHE_KIB = 256
 #: Records kept in memory when the database cannot be written (disk full), before dropping.
 MEMORY_LIMIT = 200_000
+#: The longest number orjson writes (``-2.2250738585072014e-308``; an int64 is shorter).
+_MAX_NUMBER = 24
 #: Queue length that wakes the flusher before its interval is up. A burst (an application
 #: predicting in a tight loop) then turns into transactions of about this many records
 #: instead of one transaction per interval holding tens of thousands: the same work, but the
@@ -127,7 +132,11 @@ def summarize(name: str, value: Any) -> dict[str, Any] | None:
     """The prediction summary of one output (see protocol.OutputSummary)."""
     if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf" or value.size == 0:
         return None
-    if value.ndim == 2 and value.size <= 4096:  # the common case, in plain Python (faster on tiny arrays)
+    if value.ndim == 2 and value.size <= 4096 and value.dtype.kind == "f":  # no numpy arithmetic (see _top1)
+        top1, score = _top1(value[:1])
+        return {"output": name, "top1": int(top1[0]), "score": float(score[0]),
+                "mean": sum(map(sum, value.tolist())) / value.size}
+    if value.ndim == 2 and value.size <= 4096:  # integers: in plain Python
         rows = value.tolist()
         row = rows[0]
         best = max(row)
@@ -139,6 +148,34 @@ def summarize(name: str, value: Any) -> dict[str, Any] | None:
     if value.dtype.kind in "iu":  # a label vector
         return {"output": name, "top1": int(value[0]), "score": None, "mean": float(value.mean())}
     return {"output": name, "top1": None, "score": None, "mean": float(value.mean())}
+
+
+def _top1(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``rows.argmax(axis=1)`` and the values there, as argmax has it (each row's first
+    maximum; its first NaN where it has one).
+
+    Built from comparisons only: the first numpy arithmetic a process does (argmax, +, *,
+    /, mean, round: any of them) pages in about 1 MB of numpy's code, which the agent's
+    hot path otherwise never needs."""
+    best = rows.max(axis=1)
+    hit = rows == best[:, None]
+    nan = best != best
+    if nan.any():
+        hit[nan] = np.isnan(rows[nan])
+    row, col = np.nonzero(hit)  # row-major: each row's hits in column order
+    if len(row) != len(rows):  # ties: keep each row's first hit
+        first = np.ones(len(row), dtype=bool)
+        first[1:] = row[1:] != row[:-1]
+        col = col[first]
+    return col, best
+
+
+def _round2(values: list[float]) -> list[float]:
+    """Latencies to 0.01 us, in plain Python (see _top1); numpy for what int() refuses."""
+    try:
+        return [int(v * 100.0 + 0.5) / 100.0 for v in values]
+    except (OverflowError, ValueError):  # inf, NaN
+        return np.round(np.array(values, dtype=np.float64), 2).tolist()
 
 
 class TelemetryBuffer:
@@ -168,7 +205,7 @@ class TelemetryBuffer:
         self._listeners: list[Callable[[], None]] = []
         self._storage_errors = 0
         self._in_flush = 0
-        self._formats: dict[tuple[tuple[str, str, str], int], bytes] = {}
+        self._parts: dict[tuple[tuple[str, str, str], int], tuple[bytes, ...]] = {}
         self._conn = self._open(fsync)
         self._load_counters()
 
@@ -180,6 +217,9 @@ class TelemetryBuffer:
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            # records are written once and read once soon after: SQLite's default 2 MB page
+            # cache buys nothing here but stays allocated for the agent's life
+            conn.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS segments (first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL,"
@@ -253,10 +293,12 @@ class TelemetryBuffer:
             "latency_us": round(latency, 2), "batch": batch, "summary": summarize(name, output),
         })
 
-    def _predictions(self, items: list[tuple[Any, ...]], seq0: int) -> list[bytes]:
-        """Prediction records. When every output has the same 2-D float shape (the common
-        case) the summaries are computed for the whole flush at once and the numbers are
-        turned into JSON a column at a time by orjson; otherwise one record at a time."""
+    def _predictions(self, items: list[tuple[Any, ...]], seq0: int, priority: int) -> list[tuple[int, int, int, int, int, bytes]]:
+        """Segments of prediction records. When every output has the same 2-D float shape
+        (the common case) the summaries are computed for the whole flush at once, the
+        numbers are turned into JSON a column at a time by orjson, and each segment is
+        joined from those cells and the constant parts in one step; otherwise one record
+        at a time."""
         outputs = [item[6] for item in items]
         first = outputs[0]
         n = len(items)
@@ -276,31 +318,51 @@ class TelemetryBuffer:
             except (ValueError, TypeError):
                 rows = None
         if rows is None:
-            return [self._one_prediction(item, seq0 + i) for i, item in enumerate(items)]
-        key = _KEY(items[0])
-        top1 = rows.argmax(axis=1)
+            bodies = [self._one_prediction(item, seq0 + i) for i, item in enumerate(items)]
+            return self._cut(priority, bodies, seq0)
+        # no numpy arithmetic here (see _top1): the mean is a product with 1/size (BLAS)
+        top1, score = _top1(rows)
+        flat = stacked.reshape(n, -1)
         columns = (
             range(seq0, seq0 + n),
             [item[1] for item in items],
-            np.round(np.array([item[4] for item in items]), 2).tolist(),
+            _round2([item[4] for item in items]),
             top1.tolist(),
-            rows[np.arange(n), top1].tolist(),
-            stacked.reshape(n, -1).mean(axis=1, dtype=np.float64).tolist(),
+            score.tolist(),
+            (flat.astype(np.float64) @ np.full(flat.shape[1], 1.0 / flat.shape[1])).tolist(),
         )
         # orjson formats each column (NaN/inf become null); split it back into values
         cells = [dumps(list(column))[1:-1].split(b",") for column in columns]
-        return list(map(self._prediction_format(key, first.shape[0]).__mod__, zip(*cells)))  # noqa: B905
+        parts = self._prediction_parts(_KEY(items[0]), first.shape[0])
+        per_segment = self.segment_max_records
+        if sum(map(len, parts)) + _MAX_NUMBER * len(cells) > self.segment_max_bytes // per_segment:
+            # records too large to cut by count alone: format each and cut by size
+            fmt = b"%s".join(part.replace(b"%", b"%%") for part in parts)[:-1]
+            return self._cut(priority, list(map(fmt.__mod__, zip(*cells))), seq0)  # noqa: B905
+        segments = []
+        width = len(parts) + len(cells)
+        for start in range(0, n, per_segment):
+            count = min(per_segment, n - start)
+            pieces: list[bytes] = [b""] * (width * count)
+            for j, part in enumerate(parts):  # constants and cells interleaved: p0 c0 p1 c1 ... p6
+                pieces[2 * j::width] = [part] * count
+            for j, column in enumerate(cells):
+                pieces[2 * j + 1::width] = column[start:start + count]
+            body = b"".join(pieces)[:-1]  # each record ends with a comma
+            segments.append((seq0 + start, seq0 + start + count - 1, priority, count, len(body) + ROW_OVERHEAD * count, body))
+        return segments
 
-    def _prediction_format(self, key: tuple[str, str, str], batch: int) -> bytes:
-        fmt = self._formats.get((key, batch))
-        if fmt is None:
-            model, version, name = (dumps(v).replace(b"%", b"%%") for v in key)
-            fmt = self._formats[(key, batch)] = (
-                b'{"seq":%s,"ts":%s,"kind":"prediction","model":' + model + b',"version":' + version
-                + b',"latency_us":%s,"batch":' + str(batch).encode() + b',"summary":{"output":' + name
-                + b',"top1":%s,"score":%s,"mean":%s}}'
+    def _prediction_parts(self, key: tuple[str, str, str], batch: int) -> tuple[bytes, ...]:
+        """The constant parts of a prediction record, around its six numbers."""
+        parts = self._parts.get((key, batch))
+        if parts is None:
+            model, version, name = (dumps(v) for v in key)
+            parts = self._parts[(key, batch)] = (
+                b'{"seq":', b',"ts":', b',"kind":"prediction","model":' + model + b',"version":' + version
+                + b',"latency_us":', b',"batch":' + str(batch).encode() + b',"summary":{"output":' + name + b',"top1":',
+                b',"score":', b',"mean":', b"}},",
             )
-        return fmt
+        return parts
 
     def _segments(self, items: list[tuple[Any, ...]], seq0: int) -> list[tuple[int, int, int, int, int, bytes]]:
         """Group by class (first appearance), assign seqs, encode, cut into segments."""
@@ -315,15 +377,15 @@ class TelemetryBuffer:
         seq = seq0
         for priority, members in classes.items():
             if priority != 1:
-                bodies = self._generic(members, seq)
-            elif all(m[0] == 1 for m in members):
-                bodies = self._predictions(members, seq)
+                rows.extend(self._cut(priority, self._generic(members, seq), seq))
+            elif sum(map(_TAG, members)) == len(members):  # all from predict()
+                rows.extend(self._predictions(members, seq, priority))
             else:  # predictions appended through append("prediction", ...)
                 bodies = [
                     self._one_prediction(m, seq + i) if m[0] == 1 else self._generic([m], seq + i)[0]
                     for i, m in enumerate(members)
                 ]
-            rows.extend(self._cut(priority, bodies, seq))
+                rows.extend(self._cut(priority, bodies, seq))
             seq += len(members)
         return rows
 
@@ -568,11 +630,16 @@ class TelemetryBuffer:
             self._thread.start()
 
     def _flush_loop(self) -> None:
+        trimmer = Trimmer()
         while not self._stop.is_set():
             self._wake.wait(self.flush_interval)
             self._wake.clear()
             try:
-                self.flush()
+                n = self.flush()
+                if n:
+                    trimmer.pending += n
+                else:  # idle: hand back what the last burst's encoding left in the heap
+                    trimmer.idle()
             except StorageError as exc:
                 log.error("%s (will retry)", exc)
                 self._stop.wait(min(1.0, self.flush_interval * 10))

@@ -32,6 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from ._config import AgentConfig, BrokerURL
 from ._exceptions import ConfigError, StorageError
+from ._memory import Trimmer
 from .buffer import TelemetryBuffer
 from .protocol import PROTOCOL_VERSION, Topics
 
@@ -97,6 +98,7 @@ class MqttSync:
         self._inflight: dict[int, _InFlight] = {}
         self._ack_retry: list[_InFlight] = []
         self._inflight_lock = threading.Lock()
+        self._trimmer = Trimmer()
         self._cursor = 0
         self._thread: threading.Thread | None = None
         settings = config.mqtt
@@ -238,7 +240,9 @@ class MqttSync:
             log.error("%s (retrying the deletion)", exc)
             self._ack_retry = done  # acknowledged: delete them later, never send them again
             return
-        self.acked_records += sum(item.count for item in done)
+        acked = sum(item.count for item in done)
+        self.acked_records += acked
+        self._trimmer.pending += acked
 
     def _publish_loop(self) -> None:
         limit = self.config.mqtt.max_inflight
@@ -256,6 +260,10 @@ class MqttSync:
                 log.error("%s", exc)
                 published = False
             if not published:
+                with self._inflight_lock:
+                    idle = not self._inflight
+                if idle:  # all sent and acknowledged: hand back what the batches used
+                    self._trimmer.idle()
                 self._wake.wait(0.5)
                 self._wake.clear()
 

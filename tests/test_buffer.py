@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from edgeml import StorageError
@@ -157,7 +158,7 @@ def test_segments_respect_byte_limit_and_records_decode_exactly(tmp_path: Path) 
     assert preds[3].summary is not None and preds[3].summary.top1 == 1
     assert preds[3].summary.mean == pytest.approx(float((OUT + 3).mean()))
     assert preds[-1].summary is not None and preds[-1].summary.mean is None  # NaN travels as null
-    assert preds[-1].summary.top1 == 1 or preds[-1].summary.top1 == 0
+    assert preds[-1].summary.top1 == 0 and preds[-1].summary.score is None  # as argmax: the first NaN
     assert EventRecord.model_validate(records[-1]).seq == 42
 
 
@@ -226,3 +227,55 @@ def test_memory_limit_drops_by_priority_when_the_disk_is_full(tmp_path: Path, mo
     assert [r["name"] for r in records if r["kind"] == "event"] == [f"e{i}" for i in range(0, 200, 4)]
     assert [r["latency_us"] for r in records if r["kind"] == "prediction"] == [float(i) for i in range(150, 200)]
     assert inspect(tmp_path / "t.db").dropped == {"memory": 150}  # type: ignore[union-attr]
+
+
+def test_top1_is_argmax_with_ties_nan_and_infinities() -> None:
+    from edgeml.buffer import _top1
+
+    rng = np.random.default_rng(7)
+    rows = rng.integers(0, 3, size=(400, 5)).astype(np.float32)  # many ties
+    rows[::7, 2] = np.nan
+    rows[::11, 4] = np.nan
+    rows[::13] = -np.inf
+    rows[::17, 1] = np.inf
+    rows[5] = [-0.0, 0.0, -0.0, 0.0, -1.0]
+    top1, score = _top1(rows)
+    assert top1.tolist() == rows.argmax(axis=1).tolist()
+    np.testing.assert_array_equal(score, rows[np.arange(len(rows)), rows.argmax(axis=1)])
+
+
+def test_fast_encoding_matches_one_record_at_a_time(tmp_path: Path) -> None:
+    """The whole-flush path (columns, joined segments) writes what the per-record path writes."""
+    rng = np.random.default_rng(3)
+    outputs = [rng.standard_normal((1, 4)).astype(np.float32) for _ in range(1200)]
+    outputs[10][0, 1] = np.nan
+    with TelemetryBuffer(tmp_path / "t.db", segment_max_records=500) as buf:
+        for i, out in enumerate(outputs):
+            buf.append_prediction('m"%s', "1.0", 3.14159 * i, "probs", out)
+        items = list(buf._queue)
+        buf.flush()
+        records = _all(buf)
+        bodies = buf_bodies(tmp_path / "t.db")
+        expected = [orjson.loads(buf._one_prediction(item, i + 1)) for i, item in enumerate(items)]
+    assert len(bodies) == 3  # 500 + 500 + 200: cut by count
+    assert [r["seq"] for r in records] == list(range(1, 1201))
+    for got, want in zip(records, expected, strict=True):
+        assert got.keys() == want.keys() and got["summary"].keys() == want["summary"].keys()
+        assert got["latency_us"] == pytest.approx(want["latency_us"], abs=0.006)
+        assert got["summary"]["top1"] == want["summary"]["top1"] == int(outputs[got["seq"] - 1].argmax())
+        for key in ("score", "mean"):
+            assert (got["summary"][key] is None) == (want["summary"][key] is None)
+            if want["summary"][key] is not None:
+                assert got["summary"][key] == pytest.approx(want["summary"][key], rel=1e-6)
+        assert {k: v for k, v in got.items() if k not in ("latency_us", "summary")} == {
+            k: v for k, v in want.items() if k not in ("latency_us", "summary")
+        }
+    assert records[10]["summary"]["top1"] == 1 and records[10]["summary"]["score"] is None  # argmax: first NaN
+    assert records[10]["summary"]["mean"] is None
+
+
+def test_the_buffer_keeps_a_small_page_cache(tmp_path: Path) -> None:
+    from edgeml.buffer import PAGE_CACHE_KIB
+
+    with TelemetryBuffer(tmp_path / "t.db") as buf:
+        assert buf._conn.execute("PRAGMA cache_size").fetchone()[0] == -PAGE_CACHE_KIB

@@ -175,11 +175,20 @@ def test_input_errors_in_process(models: dict[str, Path], tmp_path: Path) -> Non
             ({"input": [[1, 2, 3, 4]], "extra": [1]}, "unknown input"),
             ([1, 2], "must be an object"),
         ]
+        # numpy arrays take the fast check first; what it does not accept gets the full one
+        cases += [
+            ({"input": np.zeros((1, 3), np.float32)}, "expected shape [N, 4], got [1, 3]"),
+            ({"input": np.zeros((4,), np.float32)}, "expected 2 dimensions"),
+            ({"input": np.zeros((1, 1, 4), np.float32)}, "expected 2 dimensions"),
+        ]
         for inputs, message in cases:
             with pytest.raises(InputError) as info:
                 agent.predict(inputs)  # type: ignore[arg-type]
             assert message in str(info.value), (inputs, str(info.value))
         assert agent.status()["counters"]["prediction_errors"] == len(cases)
+        want = agent.predict({"input": np.ones((2, 4), np.float32)}).outputs["probs"]
+        for same in (np.ones((2, 4), np.float64), np.ones((2, 4), np.dtype(">f4")), [[1, 1, 1, 1]] * 2):
+            np.testing.assert_array_equal(agent.predict({"input": same}).outputs["probs"], want)  # converted
 
 
 def test_tflite_metadata_of_a_cut_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -59,17 +59,20 @@ class Runtime(abc.ABC):
         for _ in range(runs):
             self.run(feeds)
 
+    #: (name, dtype, rank, leading dynamic dims, fixed tail) of a single input, or None;
+    #: False until the first call (subclasses set ``inputs`` after construction)
+    _fast: tuple[str, np.dtype, int, int, tuple[int, ...]] | None | bool = False
+
     def prepare(self, raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Check and convert caller inputs; :class:`InputError` says what is wrong."""
-        if len(self.inputs) == 1 and type(raw) is dict and len(raw) == 1:  # fast path
-            spec = self.inputs[0]
-            value = raw.get(spec.name)
-            if type(value) is np.ndarray and value.dtype == spec.dtype and value.ndim == len(spec.shape):
-                for have, want in zip(value.shape, spec.shape):  # noqa: B905 - lengths equal
-                    if want is not None and have != want:
-                        break
-                else:
-                    return raw
+        fast = self._fast
+        if fast is False:
+            fast = self._fast = _fast_spec(self.inputs)
+        if fast is not None and type(raw) is dict and len(raw) == 1:  # the common case, checked cheaply
+            name, dtype, rank, lead, tail = fast  # type: ignore[misc]
+            value = raw.get(name)
+            if type(value) is np.ndarray and value.dtype is dtype and value.ndim == rank and value.shape[lead:] == tail:
+                return raw
         if not isinstance(raw, Mapping):
             raise InputError('"inputs" must be an object mapping input names to arrays')
         feeds: dict[str, np.ndarray] = {}
@@ -84,6 +87,21 @@ class Runtime(abc.ABC):
             unknown = sorted(set(raw) - set(feeds))
             raise InputError(f"unknown input(s) {unknown} (model inputs: {', '.join(feeds)})")
         return feeds
+
+
+def _fast_spec(inputs: tuple[TensorSpec, ...]) -> tuple[str, np.dtype, int, int, tuple[int, ...]] | None:
+    """What a valid array for a model with one input looks like, when its dynamic
+    dimensions (if any) lead: ``(None, 4)`` -> one leading, tail ``(4,)``."""
+    if len(inputs) != 1 or not inputs[0].rank_known:
+        return None
+    spec = inputs[0]
+    lead = 0
+    while lead < len(spec.shape) and spec.shape[lead] is None:
+        lead += 1
+    tail = spec.shape[lead:]
+    if None in tail:
+        return None
+    return (spec.name, spec.dtype, len(spec.shape), lead, tail)  # type: ignore[return-value]
 
 
 def _convert(spec: TensorSpec, value: Any) -> np.ndarray:
