@@ -156,8 +156,6 @@ class RuntimeSettings(_Settings):
     engine: Literal["auto", "onnx", "litert"] = "auto"
     threads: int | None = Field(None, ge=1, le=64)  # None: the hardware profile's, else 1
     warmup_runs: int = Field(3, ge=0, le=1000)
-    #: fix glibc's mmap threshold at start (process-wide; see edgeml/_memory.py)
-    tune_malloc: bool = True
 
 
 class UpdateSettings(_Settings):

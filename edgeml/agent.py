@@ -101,10 +101,6 @@ class Agent:
 
     def _start(self) -> None:
         cfg = self.config
-        if cfg.runtime.tune_malloc:
-            from ._memory import tune
-
-            tune()
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
