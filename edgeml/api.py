@@ -33,6 +33,9 @@ MAX_BODY = 16 * 1024 * 1024
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # listen() backlog: socketserver's 5 resets connections when a few local clients
+    # connect at once (a burst from several applications, a test rig polling)
+    request_queue_size = 128
     agent: Agent
 
 

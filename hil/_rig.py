@@ -263,8 +263,13 @@ class Rig:
 
     def telemetry(self, kind: str) -> list[dict[str, Any]]:
         assert self.http is not None
-        r = self.http.get(f"/v1/devices/{FLEET}/{DEVICE}/telemetry", params={"kind": kind, "limit": 100_000})
-        return r.json() if r.status_code == 200 else []
+        http = self.http
+
+        def fetch() -> httpx.Response:
+            return http.get(f"/v1/devices/{FLEET}/{DEVICE}/telemetry", params={"kind": kind, "limit": 100_000})
+
+        r = wait_for(fetch, 10, 0.2)  # a connection reset while the rig's faults settle: ask again
+        return r.json() if r is not None and r.status_code == 200 else []
 
     def tamper_artifact(self, sha256: str) -> None:
         """Flip bytes in the stored artifact (same size): what a bad disk or a middlebox does."""
