@@ -13,8 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import psutil
-
 from . import __version__
 from ._config import AgentConfig
 from ._exceptions import (
@@ -26,6 +24,7 @@ from ._exceptions import (
     NoModelError,
 )
 from ._models import LoadedModel, ModelStore
+from ._process import CpuMeter, rss_bytes
 from .buffer import TelemetryBuffer
 from .protocol import DESIRED, parse_topic
 
@@ -73,8 +72,7 @@ class Agent:
         self._errors = 0
         self._bad_messages = 0
         self._last_dropped_reported = 0
-        self._process = psutil.Process()
-        self._process.cpu_percent(None)
+        self._cpu = CpuMeter()
         self._sample_rate = config.telemetry.sample_rate
         self._buffer: TelemetryBuffer | None = None
         self._store: ModelStore | None = None
@@ -361,8 +359,8 @@ class Agent:
         self._buffer.append(
             "metrics",
             {
-                "cpu_percent": self._process.cpu_percent(None),
-                "rss_bytes": self._process.memory_info().rss,
+                "cpu_percent": self._cpu.percent(),
+                "rss_bytes": rss_bytes(),
                 "uptime_s": round(time.time() - self.started_at, 3),
                 "predictions_total": predictions,
                 "prediction_errors_total": errors,

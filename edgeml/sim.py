@@ -472,8 +472,7 @@ def run_sim(devices: int, broker: str | None, model: str | None, rate: float, du
     import resource
     import tempfile
 
-    import psutil
-
+    from ._process import CpuMeter, rss_bytes
     from ._testing.broker import MosquittoBroker
 
     with tempfile.TemporaryDirectory(prefix="edgeml-sim-") as tmp:
@@ -486,8 +485,7 @@ def run_sim(devices: int, broker: str | None, model: str | None, rate: float, du
             from ._testing.models import build_onnx_mlp
 
             model = str(build_onnx_mlp(root / "model.onnx", name="sim-model"))
-        proc = psutil.Process()
-        proc.cpu_percent(None)
+        cpu_meter = CpuMeter()
         sim = Simulator(broker, Path(model), devices=devices, fleet=fleet, rate=rate, workdir=root)
         t0 = time.monotonic()
         sim.start()
@@ -503,8 +501,8 @@ def run_sim(devices: int, broker: str | None, model: str | None, rate: float, du
         drained = sim.drain()
         s = sim.stats()
         elapsed = time.monotonic() - t0
-        cpu = proc.cpu_percent(None)
-        rss = proc.memory_info().rss
+        cpu = cpu_meter.percent()
+        rss = rss_bytes()
         sim.stop()
         if own is not None:
             own.stop()

@@ -45,3 +45,22 @@ def test_the_flusher_trims_when_idle_after_a_burst(tmp_path: Path, monkeypatch: 
                 break
             time.sleep(0.01)
     assert trims == [1]
+
+
+def test_process_stats_from_the_standard_library() -> None:
+    import resource
+
+    from edgeml._process import CpuMeter, rss_bytes
+
+    meter = CpuMeter()
+    rss = rss_bytes()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert 10 * 2**20 < rss <= peak + 2**20
+    block = bytearray(64 * 2**20)  # touched: resident
+    block[:: 4096] = b"x" * len(block[:: 4096])
+    assert rss_bytes() >= rss + 60 * 2**20
+    del block
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:  # busy: about one core
+        pass
+    assert 50.0 <= meter.percent() <= 100.0 * (len(__import__("os").sched_getaffinity(0)) + 1)
