@@ -51,6 +51,10 @@ class Prediction(NamedTuple):
                 "latency_us": self.latency_us}
 
 
+#: ``Prediction(...)`` runs NamedTuple's __new__ in Python; the hot path builds the tuple in C.
+_new_prediction = tuple.__new__
+
+
 class Agent:
     """One device's agent. ``start()`` brings it up, ``predict()`` serves in-process.
 
@@ -309,7 +313,7 @@ class Agent:
                 probation.observe(latency)
             if shadow is not None:
                 shadow.offer(feeds, model, outputs, latency)
-        return Prediction(outputs, name, version, latency, number, self._boot)
+        return _new_prediction(Prediction, (outputs, name, version, latency, number, self._boot))
 
     def feedback(self, label: Any, predicted: Any = None, inputs: Mapping[str, Any] | None = None,
                  prediction_id: str | None = None) -> dict[str, Any]:

@@ -324,15 +324,16 @@ class TelemetryBuffer:
         top1, score = _top1(rows)
         flat = stacked.reshape(n, -1)
         columns = (
-            range(seq0, seq0 + n),
+            np.arange(seq0, seq0 + n),
             [item[1] for item in items],
             _round2([item[4] for item in items]),
-            top1.tolist(),
+            top1,
             score.tolist(),
             (flat.astype(np.float64) @ np.full(flat.shape[1], 1.0 / flat.shape[1])).tolist(),
         )
-        # orjson formats each column (NaN/inf become null); split it back into values
-        cells = [dumps(list(column))[1:-1].split(b",") for column in columns]
+        # orjson formats each column (NaN/inf become null; integer arrays straight from
+        # numpy); split it back into values
+        cells = [dumps(column)[1:-1].split(b",") for column in columns]
         parts = self._prediction_parts(_KEY(items[0]), first.shape[0])
         per_segment = self.segment_max_records
         if sum(map(len, parts)) + _MAX_NUMBER * len(cells) > self.segment_max_bytes // per_segment:
