@@ -85,7 +85,7 @@ def test_budget_drops_lowest_priority_oldest_first_and_counts(tmp_path: Path) ->
         buf.flush()
         for _ in range(100):
             buf.append("sample", {"model": "m", "version": "1", "inputs": {"x": np.zeros((4, 8))}, "outputs": {}})
-        for _ in range(600):
+        for _ in range(3000):  # packed: 40 bytes of numbers each, plus the row overhead
             buf.append_prediction("m", "1", 5.0, "probs", OUT)
         buf.flush()
         stats = buf.stats()
@@ -279,3 +279,26 @@ def test_the_buffer_keeps_a_small_page_cache(tmp_path: Path) -> None:
 
     with TelemetryBuffer(tmp_path / "t.db") as buf:
         assert buf._conn.execute("PRAGMA cache_size").fetchone()[0] == -PAGE_CACHE_KIB
+
+
+def test_predictions_are_stored_packed_and_read_back_as_json(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    with TelemetryBuffer(path, segment_max_records=100) as buf:
+        for i in range(250):
+            buf.append_prediction("mlp", "2.0", 4.0 + i, "probs", OUT + i)
+        buf.append("event", {"name": "e", "level": "info", "message": "", "data": {}})
+        buf.flush()
+        stored = buf_bodies(path)
+        assert [b[:1] for b in stored] == [b"\x01"] * 3 + [b"{"]  # 100 + 100 + 50 packed, one JSON
+        assert all(len(b) <= 80 + 40 * 100 for b in stored[:2]) and len(stored[2]) <= 80 + 40 * 50
+        assert buf.stats().bytes == sum(map(len, stored)) + ROW_OVERHEAD * 251
+        # a batch is limited by the size of the JSON it carries, not of what is stored
+        one = buf.read_batch(0, 1000, 100 * 150)
+        assert one is not None and (one.first, one.last) == (1, 100) and one.bodies[0][:1] == b"{"
+        assert len(one.bodies[0]) > 100 * 150 // 2
+    with TelemetryBuffer(path) as again:  # packed segments survive a restart
+        records = _all(again)
+    assert [r["seq"] for r in records] == list(range(1, 252))
+    assert records[7]["latency_us"] == 11.0 and records[7]["model"] == "mlp" and records[7]["batch"] == 1
+    assert records[7]["summary"] == {"output": "probs", "top1": 1, "score": pytest.approx(7.7), "mean": pytest.approx(7 + 1 / 3)}
+    assert records[-1]["kind"] == "event"
