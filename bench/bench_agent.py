@@ -205,26 +205,29 @@ def bench_telemetry(tmp: Path, model: Path, n: int, backlog: int) -> dict:
     }
 
 
-_RSS_BARE = """
-import onnxruntime as ort, psutil, sys
+#: RSS read from /proc (no psutil: it would add its own ~0.8 MB to both sides)
+_RSS = "int(open('/proc/self/statm').read().split()[1]) * __import__('os').sysconf('SC_PAGE_SIZE')"
+
+_RSS_BARE = f"""
+import onnxruntime as ort, sys
 s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
-print(psutil.Process().memory_info().rss)
+print({_RSS})
 """
 
-_RSS_AGENT = """
-import sys, time, numpy as np, psutil
+_RSS_AGENT = f"""
+import sys, time, numpy as np
 from edgeml import Agent, AgentConfig
 cfg = AgentConfig(device_id="rss", data_dir=sys.argv[2], model_path=sys.argv[1], broker_url=sys.argv[3],
-                  api_addr="127.0.0.1:0", discovery={"browse": False, "announce": False})
+                  api_addr="127.0.0.1:0", discovery={{"browse": False, "announce": False}})
 agent = Agent(cfg).start()
-x = {"input": np.zeros((1, 4), dtype=np.float32)}
+x = {{"input": np.zeros((1, 4), dtype=np.float32)}}
 for _ in range(10_000):
     agent.predict(x)
 while agent.status()["buffer"]["records"] or agent.status()["buffer"]["pending"]:
     time.sleep(0.05)
-drained = psutil.Process().memory_info().rss
+drained = {_RSS}
 time.sleep(1.5)  # the agent idle: what it keeps from then on
-print(drained, psutil.Process().memory_info().rss)
+print(drained, {_RSS})
 agent.stop()
 """
 #: Agent processes measured (the figure moves by about 1 MB from run to run).

@@ -188,6 +188,8 @@ _PACKED = b"\x01"
 #: ts, latency_us, top1, score, mean: one 8-byte number each per record.
 _PACKED_RECORD = 40
 _PACKED_DTYPES = (np.float64, np.float64, np.int64, np.float64, np.float64)
+#: Records turned into JSON at a time when a packed segment is read.
+_UNPACK_CHUNK = 100
 
 
 def _packed_header(model: str, version: str, name: str, batch: int) -> bytes:
@@ -233,7 +235,11 @@ def _json_records(header: bytes, columns: tuple[np.ndarray, ...], seq0: int) -> 
 
 
 def _unpack(seq0: int, body: bytes) -> bytes:
-    """The JSON records (comma-separated) of a packed prediction segment."""
+    """The JSON records (comma-separated) of a packed prediction segment.
+
+    Done ``_UNPACK_CHUNK`` records at a time: the cells of a whole segment (six small
+    objects a record) would need new allocator arenas that a few long-lived objects then
+    keep for the rest of the agent's life."""
     size = int.from_bytes(body[1:3], "little")
     header, offset = body[:3 + size], 3 + size
     n = (len(body) - offset) // _PACKED_RECORD
@@ -242,15 +248,19 @@ def _unpack(seq0: int, body: bytes) -> bytes:
         columns.append(np.frombuffer(body, dtype=dtype, count=n, offset=offset))
         offset += 8 * n
     parts = _prediction_parts(header)
-    cells = _cells(tuple(columns), seq0)  # type: ignore[arg-type]
-    width = len(parts) + len(cells)
-    pieces: list[bytes] = [b""] * (width * n)
-    for j, part in enumerate(parts):  # constants and cells interleaved: p0 c0 p1 c1 ... p6
-        pieces[2 * j::width] = [part] * n
-    for j, column in enumerate(cells):
-        pieces[2 * j + 1::width] = column
-    pieces[-1] = parts[-1][:-1]  # each record ends with a comma but the last
-    return b"".join(pieces)
+    width = 2 * len(parts) - 1  # seven constant parts around six numbers
+    chunks = []
+    for start in range(0, n, _UNPACK_CHUNK):
+        count = min(_UNPACK_CHUNK, n - start)
+        cells = _cells(tuple(c[start:start + count] for c in columns), seq0 + start)  # type: ignore[arg-type]
+        pieces: list[bytes] = [b""] * (width * count)
+        for j, part in enumerate(parts):  # constants and cells interleaved: p0 c0 p1 c1 ... p6
+            pieces[2 * j::width] = [part] * count
+        for j, column in enumerate(cells):
+            pieces[2 * j + 1::width] = column
+        chunks.append(b"".join(pieces))
+        del cells, pieces
+    return b"".join(chunks)[:-1]  # each record ends with a comma
 
 
 class TelemetryBuffer:
