@@ -29,7 +29,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
             fn.argtypes = [ctypes.c_size_t]
             fn.restype = ctypes.c_int
             _trim = fn
-        except (OSError, AttributeError):  # not glibc
+        except (OSError, AttributeError, TypeError):  # not glibc (TypeError: Windows' CDLL(None))
             _trim = None
     return _trim  # type: ignore[return-value]
 

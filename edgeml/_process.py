@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import time
 
@@ -19,6 +18,8 @@ def rss_bytes() -> int:
         with open("/proc/self/statm", "rb") as f:
             return int(f.read().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
+        import resource  # POSIX only; /proc above on Linux
+
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 

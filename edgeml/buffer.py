@@ -71,8 +71,13 @@ _CLASS_NAMES = {0: "sample", 1: "prediction", 2: "metrics", 3: "event"}
 ROW_OVERHEAD = 32
 #: (model, version, output name) of a queued prediction
 _KEY = operator.itemgetter(2, 3, 5)
+_SHAPE = operator.attrgetter("shape")
 _TAG = operator.itemgetter(0)  # 1 for a prediction queued by append_prediction, else 0
-SCHEMA_VERSION = 2
+#: 3: prediction segments may be packed (see Segments). An agent older than that reads
+#: only JSON segments: ``downgrade()`` (``edgeml agent downgrade-buffer``) converts back.
+SCHEMA_VERSION = 3
+#: The schema whose segments are all JSON (what ``downgrade`` leaves).
+JSON_SCHEMA = 2
 #: SQLite page cache of the buffer's connection (KiB).
 PAGE_CACHE_KIB = 256
 #: Records kept in memory when the database cannot be written (disk full), before dropping.
@@ -172,7 +177,7 @@ def _top1(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         first = np.ones(len(row), dtype=bool)
         first[1:] = row[1:] != row[:-1]
         col = col[first]
-    return col, best
+    return col, rows[np.arange(len(rows)), col]  # the element itself (-0.0 where argmax picks it)
 
 
 def _round2(values: list[float]) -> list[float]:
@@ -263,6 +268,18 @@ def _unpack(seq0: int, body: bytes) -> bytes:
     return b"".join(chunks)[:-1]  # each record ends with a comma
 
 
+def _unpack_or_report(first_seq: int, last_seq: int, body: bytes) -> bytes:
+    """:func:`_unpack`; a segment that cannot be decoded (a damaged file) becomes one event
+    record saying which seqs were lost, so that publishing goes on past it."""
+    try:
+        return _unpack(first_seq, body)
+    except Exception as exc:
+        log.error("telemetry segment %d..%d cannot be decoded (%s): sending an event instead", first_seq, last_seq, exc)
+        return dumps({"seq": first_seq, "ts": time.time(), "kind": "event", "name": "bad_record", "level": "error",
+                      "message": f"records {first_seq}..{last_seq} were damaged in the buffer and are lost"[:300],
+                      "data": {"kind": "prediction", "first_seq": first_seq, "last_seq": last_seq}})
+
+
 class TelemetryBuffer:
     """Store-and-forward buffer. Thread-safe: append from any thread."""
 
@@ -311,12 +328,22 @@ class TelemetryBuffer:
                 " priority INTEGER NOT NULL, count INTEGER NOT NULL, size INTEGER NOT NULL, body BLOB NOT NULL)"
             )
             self._migrate(conn)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is not None and int(row[0]) > SCHEMA_VERSION:
+                raise StorageError(
+                    f"telemetry buffer {self.path} was written by a newer agent (schema {row[0]}, this agent knows "
+                    f"{SCHEMA_VERSION}); convert it with that agent's 'edgeml agent downgrade-buffer', or move it aside"
+                )
+            # from now on this agent may write packed segments: older agents must convert first
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('stream', ?)", (uuid.uuid4().hex,))
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', '1')")
             conn.execute("PRAGMA quick_check").fetchone()
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open telemetry buffer {self.path}: {exc}") from exc
+        except StorageError:
+            conn.close()
+            raise
         return conn
 
     @staticmethod
@@ -393,6 +420,8 @@ class TelemetryBuffer:
             and len(set(map(_KEY, items))) == 1
         ):
             try:
+                if len(set(map(_SHAPE, outputs))) != 1:  # AttributeError: not all arrays
+                    raise ValueError("outputs of several shapes")
                 if first.shape[0] == 1:  # one row per request: concatenate is 4x cheaper than stack
                     rows = stacked = np.concatenate(outputs)
                     if rows.shape != (n, first.shape[1]) or rows.dtype.kind != "f":
@@ -400,7 +429,7 @@ class TelemetryBuffer:
                 else:
                     stacked = np.stack(outputs)  # (n, batch, k); raises on mixed shapes
                     rows = stacked[:, 0, :]
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, AttributeError):
                 rows = None
         if rows is None:
             bodies = [self._one_prediction(item, seq0 + i) for i, item in enumerate(items)]
@@ -618,7 +647,7 @@ class TelemetryBuffer:
                         if cached is not None and cached[0] == first_seq:  # seqs are never reused
                             body = cached[1]
                         else:
-                            body = _unpack(first_seq, body)
+                            body = _unpack_or_report(first_seq, last_seq, body)
                             self._unpacked = (first_seq, body)
                     if bodies and (count + n > max_records or total + len(body) + 1 > max_bytes):
                         break
@@ -660,6 +689,8 @@ class TelemetryBuffer:
             self._records -= count
             self._bytes -= size
             self._last_ack_ts = now
+            if self._unpacked is not None and any(a <= self._unpacked[0] <= b for a, b in ranges):
+                self._unpacked = None
         return count
 
     def oldest_seq(self) -> int | None:
@@ -680,6 +711,31 @@ class TelemetryBuffer:
                 last_ack_ts=self._last_ack_ts,
                 storage_errors=self._storage_errors,
             )
+
+    def downgrade(self) -> int:
+        """Turn every packed segment into its JSON records, for an agent older than
+        schema 3 (run with the agent stopped); returns how many records were converted."""
+        converted = 0
+        with self._flush_lock, self._lock:
+            packed = [row[0] for row in self._conn.execute(
+                "SELECT first_seq FROM segments WHERE substr(body, 1, 1) = ? ORDER BY first_seq", (_PACKED,))]
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                for first_seq in packed:
+                    last_seq, count, body = self._conn.execute(
+                        "SELECT last_seq, count, body FROM segments WHERE first_seq = ?", (first_seq,)).fetchone()
+                    text = _unpack_or_report(first_seq, last_seq, body)
+                    size = len(text) + ROW_OVERHEAD * count
+                    self._conn.execute("UPDATE segments SET body = ?, size = ? WHERE first_seq = ?", (text, size, first_seq))
+                    converted += count
+                self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(JSON_SCHEMA),))
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise StorageError(f"cannot convert telemetry buffer {self.path}: {exc}") from exc
+            self._unpacked = None
+            self._bytes = int(self._conn.execute("SELECT total(size) FROM segments").fetchone()[0])
+        return converted
 
     def housekeeping(self) -> None:
         """Checkpoint the WAL and give free pages back to the file system."""

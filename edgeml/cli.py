@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     status = agent_sub.add_parser("status", help="show an agent's status")
     status.add_argument("--config", "-c", metavar="FILE", help="the agent's YAML settings")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    downgrade = agent_sub.add_parser(
+        "downgrade-buffer",
+        help="with the agent stopped: rewrite its telemetry buffer for an older agent (packed records as JSON)")
+    downgrade.add_argument("--config", "-c", metavar="FILE", help="the agent's YAML settings")
 
     keys = sub.add_parser("keys", help="fleet signing keys (needs the cloud extra)")
     keys_sub = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -101,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             return _agent_run(args)
         if args.command == "agent" and args.action == "status":
             return _agent_status(args)
+        if args.command == "agent" and args.action == "downgrade-buffer":
+            return _agent_downgrade_buffer(args)
         if args.command == "keys" and args.action == "generate":
             return _keys_generate(args)
         if args.command == "sim":
@@ -185,6 +191,25 @@ def _agent_run(args: argparse.Namespace) -> int:
             pass
     finally:
         agent.stop()
+    return 0
+
+
+def _agent_downgrade_buffer(args: argparse.Namespace) -> int:
+    """Before an older agent takes over the data dir (the self-upgrade's rollback)."""
+    from ._config import load_config
+    from .buffer import TelemetryBuffer
+
+    config = load_config(args.config)
+    path = config.data_dir / "telemetry.db"
+    if not path.exists():
+        print(f"no telemetry buffer at {path}: nothing to convert")
+        return 0
+    buf = TelemetryBuffer(path, max_bytes=config.telemetry.buffer_max_bytes)  # no flusher: nothing is appended
+    try:
+        converted = buf.downgrade()
+    finally:
+        buf.close()
+    print(f"{path}: {converted} packed records rewritten as JSON; an older agent can read it")
     return 0
 
 

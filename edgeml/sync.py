@@ -259,6 +259,10 @@ class MqttSync:
             except StorageError as exc:
                 log.error("%s", exc)
                 published = False
+            except Exception:  # a bug must not end publishing for the agent's life: log, back off, retry
+                log.exception("publishing telemetry failed (will retry)")
+                self._stop.wait(1.0)
+                published = False
             if not published:
                 with self._inflight_lock:
                     idle = not self._inflight

@@ -11,8 +11,10 @@
 # 2. flips /opt/edgeml/current to that slot with one rename (atomic: a power cut leaves
 #    either the old or the new link, never none) and restarts the unit;
 # 3. polls the agent's health until HEALTH_TIMEOUT; healthy: done (exit 0). Otherwise
-#    flips the link back, resets and restarts the unit, and exits 1 (3 if the old agent
-#    is not healthy either). The failed slot stays on disk for inspection.
+#    stops the unit, has the new agent rewrite its telemetry buffer in the format the old
+#    one reads (edgeml agent downgrade-buffer), flips the link back, resets and restarts
+#    the unit, and exits 1 (3 if the old agent is not healthy either). The failed slot
+#    stays on disk for inspection.
 #
 # Environment (each has a default for a real device):
 #   DESTDIR          root the agent is installed in (default /)
@@ -24,6 +26,8 @@
 #   HEALTH_TIMEOUT   seconds to wait for health after a restart (default 90)
 #   HEALTH_INTERVAL  seconds between polls (default 2)
 #   PYTHON           interpreter for the new venv (default: the one the active venv uses)
+#   AGENT_CONFIG     the agent's settings, for converting its telemetry buffer back on a
+#                    rollback (default /etc/edgeml/agent.yaml)
 #   PIP_*            passed to pip as usual (PIP_NO_DEPS=1, PIP_INDEX_URL=...)
 set -eu
 
@@ -35,6 +39,7 @@ HEALTH_URL=${HEALTH_URL:-http://127.0.0.1:8470/v1/health}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-90}
 HEALTH_INTERVAL=${HEALTH_INTERVAL:-2}
 OPT=$DESTDIR/opt/edgeml
+AGENT_CONFIG=${AGENT_CONFIG:-$DESTDIR/etc/edgeml/agent.yaml}
 
 say() { printf 'edgeml-upgrade: %s\n' "$*"; }
 die() { printf 'edgeml-upgrade: error: %s\n' "$*" >&2; exit "${2:-2}"; }
@@ -140,6 +145,12 @@ if wait_healthy; then
     exit 0
 fi
 say "the new agent is not healthy within ${HEALTH_TIMEOUT}s: rolling back to $OLD"
+"$SYSTEMCTL" stop "$UNIT" || say "stop of $UNIT failed"
+# the new agent may have written telemetry in a format the old one cannot read
+if "$OPT/$NEW/bin/python" -m edgeml.cli agent downgrade-buffer --help >/dev/null 2>&1; then
+    "$OPT/$NEW/bin/python" -m edgeml.cli agent downgrade-buffer --config "$AGENT_CONFIG" \
+        || say "warning: the telemetry buffer could not be converted for $OLD"
+fi
 link_current "$OLD"
 log_state "rollback $NEW -> $OLD"
 restart

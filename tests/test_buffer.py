@@ -302,3 +302,59 @@ def test_predictions_are_stored_packed_and_read_back_as_json(tmp_path: Path) -> 
     assert records[7]["latency_us"] == 11.0 and records[7]["model"] == "mlp" and records[7]["batch"] == 1
     assert records[7]["summary"] == {"output": "probs", "top1": 1, "score": pytest.approx(7.7), "mean": pytest.approx(7 + 1 / 3)}
     assert records[-1]["kind"] == "event"
+
+
+def test_downgrade_rewrites_packed_segments_as_json(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    with TelemetryBuffer(path, segment_max_records=50) as buf:
+        for i in range(120):
+            buf.append_prediction("mlp", "2.0", 1.0 + i, "probs", OUT + i)
+        buf.append("event", {"name": "e", "level": "info", "message": "", "data": {}})
+        buf.flush()
+        before = _all(buf)
+        assert buf.downgrade() == 120
+        assert buf.downgrade() == 0  # nothing packed is left
+        after = _all(buf)
+        stats = buf.stats()
+    bodies = buf_bodies(path)
+    assert after == before and all(b[:1] == b"{" for b in bodies)
+    assert stats.bytes == sum(map(len, bodies)) + ROW_OVERHEAD * 121
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "2"
+
+
+def test_a_buffer_from_a_newer_agent_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    TelemetryBuffer(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    with pytest.raises(StorageError, match="newer agent .*schema 99.*downgrade-buffer"):
+        TelemetryBuffer(path)
+
+
+def test_a_damaged_packed_segment_becomes_an_event_and_publishing_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    with TelemetryBuffer(path, segment_max_records=10) as buf:
+        for _ in range(20):
+            buf.append_prediction("mlp", "2.0", 1.0, "probs", OUT)
+        buf.flush()
+        with sqlite3.connect(path) as db:  # the first segment's header loses its bytes
+            body = db.execute("SELECT body FROM segments WHERE first_seq = 1").fetchone()[0]
+            db.execute("UPDATE segments SET body = ? WHERE first_seq = 1", (body[:3] + b"#" * (len(body) - 3),))
+        records = _all(buf)
+    assert records[0]["kind"] == "event" and records[0]["name"] == "bad_record" and records[0]["seq"] == 1
+    assert records[0]["data"] == {"kind": "prediction", "first_seq": 1, "last_seq": 10}
+    assert [r["seq"] for r in records[1:]] == list(range(11, 21))  # the next segment reads as usual
+
+
+def test_outputs_of_several_batch_sizes_in_one_flush(tmp_path: Path) -> None:
+    outs = [np.array([[1.0, 2.0]], np.float32), np.array([[5.0, 4.0], [9.0, 9.0]], np.float32),
+            np.zeros((0, 2), np.float32)]
+    with TelemetryBuffer(tmp_path / "t.db") as buf:
+        for out in outs:
+            buf.append_prediction("m", "1", 1.0, "probs", out)
+        buf.flush()
+        records = _all(buf)
+    assert [r["batch"] for r in records] == [1, 2, 0]
+    assert [r["summary"] and r["summary"]["top1"] for r in records] == [1, 0, None]
+    assert records[1]["summary"]["score"] == 5.0

@@ -12,6 +12,7 @@ import os
 import pwd
 import shutil
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -21,7 +22,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from edgeml.buffer import TelemetryBuffer, iter_records
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL = REPO / "firmware" / "install.sh"
@@ -371,12 +375,19 @@ def test_upgrade_switches_or_rolls_back(
     health = f'[ "$(readlink {opt}/current)" = {old} ]'
     if new_is_healthy:
         health = "true"
+    # the new agent's buffer holds packed records, which the old agent would not read
+    data = tmp_path / "agent-data"
+    with TelemetryBuffer(data / "telemetry.db") as buf:
+        for i in range(30):
+            buf.append_prediction("mlp", "2.0.0", 3.0, "probs", np.array([[0.1, 0.7 + i, 0.2]], np.float32))
+        buf.flush()
     env = {
         **VENV_ENV,
         "SYSTEMCTL": str(systemctl),
         "HEALTH_CMD": health,
         "HEALTH_TIMEOUT": "1",
         "HEALTH_INTERVAL": "1",
+        "EDGEML_DATA_DIR": str(data),
     }
     proc = run(UPGRADE, root, str(wheel), env=env, check=False)
 
@@ -388,6 +399,7 @@ def test_upgrade_switches_or_rolls_back(
         assert os.readlink(opt / "current") == new
         assert restarts == ["restart edgeml-agent.service"]
         assert "healthy on " + new in (opt / "upgrade.log").read_text()
+        assert "downgrade" not in proc.stdout and "stop edgeml-agent.service" not in log.read_text()
     else:
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert os.readlink(opt / "current") == old
@@ -395,6 +407,15 @@ def test_upgrade_switches_or_rolls_back(
         assert "reset-failed edgeml-agent.service" in log.read_text()
         assert f"rollback {new} -> {old}" in (opt / "upgrade.log").read_text()
         assert "rolled back" in proc.stderr
+        # stopped, buffer rewritten as JSON by the new agent, then the old one started
+        calls = log.read_text().splitlines()
+        assert calls.index("stop edgeml-agent.service") < len(calls) - 1 - calls[::-1].index("restart edgeml-agent.service")
+        assert "30 packed records rewritten as JSON" in proc.stdout, proc.stdout + proc.stderr
+        with sqlite3.connect(data / "telemetry.db") as db:
+            bodies = [row[0] for row in db.execute("SELECT body FROM segments")]
+            schema = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+        assert schema == "2" and bodies and all(b[:1] == b"{" for b in bodies)
+        assert [r["seq"] for r in iter_records(bodies)] == list(range(1, 31))
 
 
 def test_upgrade_with_a_broken_wheel_touches_nothing(installed: Path, tmp_path: Path) -> None:
