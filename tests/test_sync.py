@@ -198,3 +198,26 @@ def test_the_scheduler_sends_metrics_and_runs_housekeeping_unasked(broker: Broke
         wait_until(lambda: len(runs) >= 2, 30, what="two housekeeping runs")
     metrics = [r for r in collector.records() if r["kind"] == "metrics"]
     assert metrics[1]["uptime_s"] > metrics[0]["uptime_s"]  # two samples, not one delivered twice
+
+
+def test_the_publisher_outlives_an_unexpected_error(broker: Broker, collector: Collector, models: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    agent = _agent(tmp_path, broker, models["onnx_float"])
+    with agent:
+        wait_until(lambda: agent.status()["sync"]["connected"], what="connected")
+        buf = agent._buffer
+        assert buf is not None
+        real, failures = buf.read_batch, []
+
+        def flaky(*args: object, **kw: object) -> object:
+            if not failures:  # a bug surfacing once on the publisher thread
+                failures.append(1)
+                raise RuntimeError("boom")
+            return real(*args, **kw)
+
+        buf.read_batch = flaky  # type: ignore[method-assign]
+        for _ in range(50):
+            agent.predict({"input": X})
+        wait_until(lambda: sum(r["kind"] == "prediction" for r in collector.records()) == 50, 30,
+                   what="predictions published after the error")
+    assert failures == [1]
