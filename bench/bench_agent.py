@@ -3,8 +3,9 @@
     python bench/bench_agent.py [--quick]
 
 Every figure is a ratio against a baseline measured in the same run, or a rate:
-1. in-process predict (telemetry append included, flusher running) vs bare
-   ``InferenceSession.run`` on the same tiny MLP                     target <= 1.5x
+1. in-process predict (telemetry append included; the flusher's commit counted in line,
+   and separately with the flusher beside it) vs bare ``InferenceSession.run`` on the
+   same tiny MLP                                                     target <= 1.5x
 2. local HTTP predict: requests/s and p99 at 1 and 8 concurrent clients
 3. telemetry append -> broker PUBACK, sustained records/s            target >= 50,000/s
    and a 100,000-record backlog drained after an outage            target <= 5 s
@@ -48,7 +49,20 @@ def _config(root: Path, model: Path, broker: str | None = None, **kw: object) ->
 
 
 def bench_inprocess(tmp: Path, model: Path, n: int) -> dict:
+    """Two figures, each the median of interleaved rounds' own ratios (a shared machine's
+    speed drifts between rounds; a ratio of two medians from different rounds would carry it):
+
+    - ``ratio``: predict (telemetry append included) plus, at the end of each round, the
+      flusher's commit of that round's records (encode, insert, fsync) done in line: the
+      telemetry's whole cost on one core. A round is ``FLUSH_AT`` predictions, what the
+      flusher commits at a time when predictions come this fast.
+    - ``ratio_flusher_in_background``: predict alone while the flusher thread does its
+      work beside it, as in an application (what the issue's "telemetry append included"
+      asks); the flusher's share shows only as contention for the interpreter.
+    """
     import onnxruntime as ort
+
+    from edgeml.buffer import FLUSH_AT
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -57,32 +71,51 @@ def bench_inprocess(tmp: Path, model: Path, n: int) -> dict:
     x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
     feeds = {"input": x}
     agent = Agent(_config(tmp / "inproc", model)).start()
-    bare_times, agent_times = [], []
-    per_round = max(1, n // ROUNDS)
+    bare_times, agent_times, background_times = [], [], []
+    per_round = FLUSH_AT
+    rounds = max(ROUNDS, n // per_round)
+
+    def bare(count: int = per_round) -> float:
+        t0 = time.perf_counter()
+        for _ in range(count):
+            sess.run(["probs"], feeds)
+        return (time.perf_counter() - t0) / count
+
+    def drained() -> None:  # outside the timed sections: no round pays for the one before
+        while agent.status()["buffer"]["pending"]:
+            time.sleep(0.001)
+
     try:
-        for _ in range(ROUNDS):  # interleaved short rounds: each pair sees the same machine state
-            t0 = time.perf_counter()
-            for _ in range(per_round):
-                sess.run(["probs"], feeds)
-            bare_times.append((time.perf_counter() - t0) / per_round)
+        for _ in range(rounds):
+            bare_times.append(bare())
             t0 = time.perf_counter()
             for _ in range(per_round):
                 agent.predict(feeds)
             agent._buffer.flush()  # the flusher's work is part of the cost
             agent_times.append((time.perf_counter() - t0) / per_round)
+        long_round = 4 * per_round  # the flusher commits three or four times during one
+        for _ in range(rounds):
+            drained()
+            background_times.append(bare(long_round))
+            t0 = time.perf_counter()
+            for _ in range(long_round):
+                agent.predict(feeds)
+            background_times.append((time.perf_counter() - t0) / long_round)
+            drained()
     finally:
         agent.stop()
-    # the median of each round's own ratio: a shared machine's speed drifts between rounds,
-    # and a ratio of two medians taken from different rounds would carry that drift
     ratios = sorted(a / b for a, b in zip(agent_times, bare_times, strict=True))
-    bare, with_agent = statistics.median(bare_times), statistics.median(agent_times)
+    background = sorted(a / b for a, b in zip(background_times[1::2], background_times[0::2], strict=True))
+    bare_us, with_agent = statistics.median(bare_times), statistics.median(agent_times)
     return {
-        "bare_run_us": round(bare * 1e6, 2),
+        "bare_run_us": round(bare_us * 1e6, 2),
         "agent_predict_us": round(with_agent * 1e6, 2),
-        "rounds": ROUNDS,
+        "rounds": rounds,
+        "records_per_round": per_round,
         "ratio": round(statistics.median(ratios), 2),
         "ratio_range": [round(ratios[0], 2), round(ratios[-1], 2)],
         "ratio_of_fastest_rounds": round(min(agent_times) / min(bare_times), 2),  # timeit's estimator
+        "ratio_flusher_in_background": round(statistics.median(background), 2),
         "target_ratio": 1.5,
     }
 
