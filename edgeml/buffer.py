@@ -46,6 +46,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import operator
 import sqlite3
 import threading
@@ -142,10 +143,16 @@ def summarize(name: str, value: Any) -> dict[str, Any] | None:
     """The prediction summary of one output (see protocol.OutputSummary)."""
     if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf" or value.size == 0:
         return None
-    if value.ndim == 2 and value.size <= 4096 and value.dtype.kind == "f":  # no numpy arithmetic (see _top1)
-        top1, score = _top1(value[:1])
-        return {"output": name, "top1": int(top1[0]), "score": float(score[0]),
-                "mean": sum(map(sum, value.tolist())) / value.size}
+    if value.ndim == 2 and value.size <= 4096 and value.dtype.kind == "f":  # plain Python: tiny arrays
+        rows = value.tolist()
+        row = rows[0]
+        if any(map(math.isnan, row)):  # Python's max is arbitrary with NaN; argmax takes the first NaN
+            top1, score = _top1(value[:1])
+            best, index = float(score[0]), int(top1[0])
+        else:
+            best = max(row)
+            index = row.index(best)
+        return {"output": name, "top1": index, "score": best, "mean": sum(map(sum, rows)) / value.size}
     if value.ndim == 2 and value.size <= 4096:  # integers: in plain Python
         rows = value.tolist()
         row = rows[0]

@@ -101,6 +101,9 @@ def test_fleet_page_shows_the_fleet(site: Site, page: Any, shots: Path) -> None:
 def test_device_page_plots_its_telemetry(site: Site, page: Any, shots: Path) -> None:
     canary = sorted(d for d, s in site.reported().items() if s["active"]["version"] == "1.1.0")[0]
     drift = site.http.post("/v1/drift/measure", params={"fleet": FLEET})  # where the coordinator measures drift
+    # enough of the canary's predictions ingested to plot (the simulated fleet keeps sending)
+    series = f"/v1/console/devices/{FLEET}/{canary}/series"
+    wait_until(lambda: site.http.get(series).json()["predictions"] > 50, 30, what="the canary's predictions")
     _open(page, site, f"/console/devices/{FLEET}/{canary}")
     assert canary in page.locator("h1").inner_text()
     assert _card(page, "model") == "mlp@1.1.0"
