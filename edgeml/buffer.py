@@ -240,12 +240,6 @@ def _cells(columns: tuple[np.ndarray, ...], seq0: int) -> list[list[bytes]]:
     ]
 
 
-def _json_records(header: bytes, columns: tuple[np.ndarray, ...], seq0: int) -> list[bytes]:
-    parts = _prediction_parts(header)
-    fmt = b"%s".join(part.replace(b"%", b"%%") for part in parts)[:-1]
-    return list(map(fmt.__mod__, zip(*_cells(columns, seq0))))  # noqa: B905
-
-
 def _unpack(seq0: int, body: bytes) -> bytes:
     """The JSON records (comma-separated) of a packed prediction segment.
 
@@ -453,10 +447,8 @@ class TelemetryBuffer:
         )
         model, version, name = _KEY(items[0])
         header = _packed_header(model, version, name, first.shape[0])
-        per_segment = self.segment_max_records
-        if _record_bound(_prediction_parts(header)) > self.segment_max_bytes // per_segment:
-            # records too large to cut by count alone: JSON records, cut by size
-            return self._cut(priority, _json_records(header, columns, seq0), seq0)
+        # as many records a segment as keep its JSON (what a message carries) within the size limit
+        per_segment = max(1, min(self.segment_max_records, self.segment_max_bytes // _record_bound(_prediction_parts(header))))
         segments = []
         for start in range(0, n, per_segment):
             count = min(per_segment, n - start)

@@ -149,7 +149,10 @@ def test_segments_respect_byte_limit_and_records_decode_exactly(tmp_path: Path) 
         buf.append("event", {"name": "e", "level": "info", "message": "", "data": {}})
         buf.append_prediction("m", "1", 5.0, "probs", np.array([[np.nan, 1.0]], np.float32))  # NaN -> null
         buf.flush()
-        bodies = buf_bodies(tmp_path / "t.db")
+        bodies, cursor = [], 0
+        while (one := buf.read_batch(cursor, 1, 1)) is not None:  # one segment at a time, as JSON
+            bodies += one.bodies
+            cursor = one.last
         records = _all(buf)
     assert all(len(b) <= 2048 for b in bodies) and len(bodies) > 2
     preds = [PredictionRecord.model_validate(r) for r in records if r["kind"] == "prediction"]
