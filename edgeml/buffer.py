@@ -641,14 +641,16 @@ class TelemetryBuffer:
             )
             try:
                 for first_seq, last_seq, n, body in cursor:  # rows are read lazily: stop early
+                    if bodies and count + n > max_records:  # known without decoding the segment
+                        break
                     if body[:1] == _PACKED:
-                        cached = self._unpacked
+                        cached = self._unpacked  # a segment decoded, then left out by the byte limit
                         if cached is not None and cached[0] == first_seq:  # seqs are never reused
                             body = cached[1]
                         else:
                             body = _unpack_or_report(first_seq, last_seq, body)
                             self._unpacked = (first_seq, body)
-                    if bodies and (count + n > max_records or total + len(body) + 1 > max_bytes):
+                    if bodies and total + len(body) + 1 > max_bytes:
                         break
                     if not bodies:
                         first = first_seq

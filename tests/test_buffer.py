@@ -284,13 +284,18 @@ def test_the_buffer_keeps_a_small_page_cache(tmp_path: Path) -> None:
         assert buf._conn.execute("PRAGMA cache_size").fetchone()[0] == -PAGE_CACHE_KIB
 
 
+def _predictions_then_an_event(buf: TelemetryBuffer, n: int, latency: float) -> None:
+    """``n`` predictions of mlp 2.0 (record i: latency + i, output OUT + i), one event, committed."""
+    for i in range(n):
+        buf.append_prediction("mlp", "2.0", latency + i, "probs", OUT + i)
+    buf.append("event", {"name": "e", "level": "info", "message": "", "data": {}})
+    buf.flush()
+
+
 def test_predictions_are_stored_packed_and_read_back_as_json(tmp_path: Path) -> None:
     path = tmp_path / "t.db"
     with TelemetryBuffer(path, segment_max_records=100) as buf:
-        for i in range(250):
-            buf.append_prediction("mlp", "2.0", 4.0 + i, "probs", OUT + i)
-        buf.append("event", {"name": "e", "level": "info", "message": "", "data": {}})
-        buf.flush()
+        _predictions_then_an_event(buf, 250, latency=4.0)
         stored = buf_bodies(path)
         assert [b[:1] for b in stored] == [b"\x01"] * 3 + [b"{"]  # 100 + 100 + 50 packed, one JSON
         assert all(len(b) <= 80 + 40 * 100 for b in stored[:2]) and len(stored[2]) <= 80 + 40 * 50
@@ -310,10 +315,7 @@ def test_predictions_are_stored_packed_and_read_back_as_json(tmp_path: Path) -> 
 def test_downgrade_rewrites_packed_segments_as_json(tmp_path: Path) -> None:
     path = tmp_path / "t.db"
     with TelemetryBuffer(path, segment_max_records=50) as buf:
-        for i in range(120):
-            buf.append_prediction("mlp", "2.0", 1.0 + i, "probs", OUT + i)
-        buf.append("event", {"name": "e", "level": "info", "message": "", "data": {}})
-        buf.flush()
+        _predictions_then_an_event(buf, 120, latency=1.0)
         before = _all(buf)
         assert buf.downgrade() == 120
         assert buf.downgrade() == 0  # nothing packed is left
