@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeml._testing.broker import free_port
 from edgeml.buffer import TelemetryBuffer, iter_records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -285,12 +285,6 @@ def test_systemd_analyze_verify(installed: Path, tmp_path: Path) -> None:
     proc = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr.strip() == "", proc.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_agent_starts_from_the_installed_venv(installed: Path, tmp_path: Path) -> None:

@@ -7,16 +7,29 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 from .._exceptions import EdgemlError
 
+#: Ports handed out by this process. A port asked for is only reserved once its user binds
+#: it; until then the OS may hand the same port to the next caller (a rig takes one for the
+#: agent, then its broker, proxy and coordinator take theirs): never give one out twice.
+_given: set[int] = set()
+_given_lock = threading.Lock()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port nobody listens on now, and not given out before by this process."""
+    with _given_lock:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _given:
+                _given.add(port)
+                return port
 
 
 class MosquittoBroker:
