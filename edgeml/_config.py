@@ -156,6 +156,8 @@ class RuntimeSettings(_Settings):
     engine: Literal["auto", "onnx", "litert"] = "auto"
     threads: int | None = Field(None, ge=1, le=64)  # None: the hardware profile's, else 1
     warmup_runs: int = Field(3, ge=0, le=1000)
+    # glibc malloc arenas for the process (0: glibc's default, eight per core); MALLOC_ARENA_MAX wins
+    malloc_arenas: int = Field(2, ge=0, le=64)
 
 
 class UpdateSettings(_Settings):

@@ -5,10 +5,16 @@ tight loop) leaves freed memory in the C allocator's arenas, one per thread, whi
 keeps for reuse: the agent's RSS stays at its peak for the rest of its life. ``malloc_trim``
 hands those pages back. It costs about 0.1 ms, so the agent calls it only at an idle
 moment after enough records went through. Elsewhere than glibc (musl) it does nothing.
+
+glibc also gives each new thread its own arena, up to eight per core, and every arena keeps
+its own free pages and fragments. The agent runs about seven threads that allocate rarely:
+:func:`limit_arenas` caps the process at a few arenas before they start (what
+``MALLOC_ARENA_MAX`` does; the environment variable, when set, wins).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 
@@ -32,6 +38,31 @@ def _malloc_trim() -> Callable[[int], int] | None:
         except (OSError, AttributeError, TypeError):  # not glibc (TypeError: Windows' CDLL(None))
             _trim = None
     return _trim  # type: ignore[return-value]
+
+
+#: mallopt parameter number of M_ARENA_MAX (glibc's malloc.h)
+_M_ARENA_MAX = -8
+
+
+def limit_arenas(count: int) -> bool:
+    """Cap the C allocator at ``count`` arenas for threads that allocate from now on.
+
+    Returns True when the cap was set; False when ``count`` is 0 (keep glibc's default),
+    when ``MALLOC_ARENA_MAX`` is set in the environment (the operator's choice wins), or
+    where the C library is not glibc. Call it before the agent starts its threads: a thread
+    that already has an arena keeps it.
+    """
+    if count <= 0 or os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_ARENA_MAX, count))
 
 
 def release() -> bool:

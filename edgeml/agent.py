@@ -24,6 +24,7 @@ from ._exceptions import (
     NoModelError,
 )
 from ._models import LoadedModel, ModelStore
+from ._memory import limit_arenas
 from ._process import CpuMeter, rss_bytes
 from .buffer import TelemetryBuffer
 from .protocol import DESIRED, parse_topic
@@ -103,6 +104,7 @@ class Agent:
 
     def _start(self) -> None:
         cfg = self.config
+        limit_arenas(cfg.runtime.malloc_arenas)  # before the agent's threads take arenas of their own
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
