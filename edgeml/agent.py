@@ -23,8 +23,8 @@ from ._exceptions import (
     ModelLoadError,
     NoModelError,
 )
-from ._models import LoadedModel, ModelStore
 from ._memory import limit_arenas
+from ._models import LoadedModel, ModelStore
 from ._process import CpuMeter, rss_bytes
 from .buffer import TelemetryBuffer
 from .protocol import DESIRED, parse_topic
