@@ -8,6 +8,8 @@ Every figure is a ratio against a baseline measured in the same run, or a rate:
    same tiny MLP                                                     target <= 1.5x
 2. local HTTP predict: requests/s and p99 at 1 and 8 concurrent clients
 3. telemetry append -> broker PUBACK, sustained records/s            target >= 50,000/s
+   (the target is the append-only figure; with inference in the same process the predict
+   loop sets the pace, and the figure says how closely the last ack follows it)
    and a 100,000-record backlog drained after an outage            target <= 5 s
 4. agent RSS after 10,000 predictions synced vs a bare process that imports
    onnxruntime and loads the model, at the moment the last record is acknowledged
@@ -193,7 +195,8 @@ def bench_telemetry(tmp: Path, model: Path, n: int, backlog: int) -> dict:
             appended = time.perf_counter() - t0
             while not _drained(agent):
                 time.sleep(0.005)
-            sustained = n / (time.perf_counter() - t0)
+            total = time.perf_counter() - t0
+            sustained = n / total
             # the telemetry path alone: records appended as fast as possible, no inference
             out = agent.predict(x).outputs["probs"]
             buf = agent._buffer
@@ -228,6 +231,10 @@ def bench_telemetry(tmp: Path, model: Path, n: int, backlog: int) -> dict:
         "records": n,
         "append_s": round(appended, 3),
         "sustained_records_per_s_with_inference": round(sustained),
+        # with inference, the predict loop sets the pace; the telemetry keeps up when the
+        # last acknowledgement follows the last prediction closely
+        "predictions_per_s": round(n / appended),
+        "last_ack_after_last_prediction_s": round(total - appended, 3),
         "sustained_records_per_s_append_only": round(pipeline),
         "target_records_per_s": 50_000,
         "backlog_records": waiting,
