@@ -108,6 +108,9 @@ class MqttSync:
             % (PROTOCOL_VERSION, orjson.dumps(config.fleet), orjson.dumps(config.device_id), orjson.dumps(buffer.stream))
         )
         self._state_payload: bytes | None = None
+        # held while the state payload is stored and sent, and while a connection comes up:
+        # either the update thread sees the connection or the connection sees the payload
+        self._state_lock = threading.Lock()
         self._client = self._make_client()
         buffer.add_listener(self._wake.set)
 
@@ -185,9 +188,10 @@ class MqttSync:
 
     def publish_state(self, payload: bytes) -> None:
         """The reported state (retained): sent now if connected, and again on every connection."""
-        self._state_payload = payload
-        if self.connected.is_set():
-            self._client.publish(self.topics.state, payload, qos=1, retain=True)
+        with self._state_lock:
+            self._state_payload = payload
+            if self.connected.is_set():
+                self._client.publish(self.topics.state, payload, qos=1, retain=True)
 
     # ------------------------------------------------------------------ paho thread
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -197,10 +201,11 @@ class MqttSync:
         self.connects += 1
         log.info("connected to %s (session present: %s)", self.broker, flags.session_present)
         client.publish(self.topics.status, self._status("online", "connected"), qos=1, retain=True)
-        if self._state_payload is not None:
-            client.publish(self.topics.state, self._state_payload, qos=1, retain=True)
         client.subscribe(self.topics.desired, qos=1)  # re-subscribe on every CONNACK
-        self.connected.set()
+        with self._state_lock:  # a state reported from now on is sent by publish_state itself
+            if self._state_payload is not None:
+                client.publish(self.topics.state, self._state_payload, qos=1, retain=True)
+            self.connected.set()
         self._wake.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:

@@ -221,3 +221,34 @@ def test_the_publisher_outlives_an_unexpected_error(broker: Broker, collector: C
         wait_until(lambda: sum(r["kind"] == "prediction" for r in collector.records()) == 50, 30,
                    what="predictions published after the error")
     assert failures == [1]
+
+
+def test_a_state_reported_while_the_connection_comes_up_reaches_the_broker(broker: Broker, collector: Collector,
+                                                                           tmp_path: Path) -> None:
+    """The update thread reports its state at start while paho's thread sets the connection
+    up: it must not read 'not connected' after the connection read 'no state yet'."""
+    import threading
+
+    from edgeml.buffer import TelemetryBuffer
+    from edgeml.sync import MqttSync
+
+    config = load_config(env=agent_env(EDGEML_DATA_DIR=tmp_path / "data", EDGEML_BROKER_URL=broker.url,
+                                       EDGEML_DEVICE_ID="dev-1", EDGEML_FLEET="plant"))
+    with TelemetryBuffer(tmp_path / "t.db") as buf:
+        sync = MqttSync(config, buf, agent_version="test")
+        subscribe = sync._client.subscribe
+
+        def subscribe_while_the_state_is_reported(*args: object, **kw: object) -> object:
+            reporter = threading.Thread(target=sync.publish_state, args=(b'{"state":"idle"}',))
+            reporter.start()  # in the window between the connection's steps
+            reporter.join(0.5)
+            return subscribe(*args, **kw)
+
+        sync._client.subscribe = subscribe_while_the_state_is_reported  # type: ignore[method-assign]
+        assert config.broker_url is not None
+        sync.start(config.broker_url)
+        try:
+            wait_until(lambda: collector.payloads("state"), 10, what="the reported state")
+        finally:
+            sync.stop()
+    assert collector.payloads("state")[-1] == {"state": "idle"}
