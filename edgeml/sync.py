@@ -9,9 +9,16 @@ Threads
 Delivery
     QoS 1, persistent session (clean_session false), at most ``max_inflight`` batches
     unacknowledged. A record leaves the buffer only after the PUBACK of the message
-    that carried it. On reconnection paho resends unacknowledged messages (DUP); after
-    a restart the publisher starts again from the oldest record in the buffer. Either
-    way the only duplicates are records of unacknowledged messages, in order.
+    that carried it. On reconnection paho resends unacknowledged messages (DUP) once
+    ``on_connect`` returns; no new batch is published until those are acknowledged,
+    so a new batch never overtakes a resent one. After a restart the publisher starts
+    again from the oldest record in the buffer. Either way the only duplicates are
+    records of unacknowledged messages, in order.
+
+Reported state
+    One state message at a time is unacknowledged: a newer state waits for the PUBACK
+    of the one before it (paho may be resending that one), so the broker never retains
+    an older state after a newer one.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ log = logging.getLogger(__name__)
 
 #: Largest message accepted on the agent's own topics.
 MAX_INCOMING_BYTES = 256 * 1024
+#: After a reconnection, new batches wait this long at most for the resent ones to be
+#: acknowledged (a safety valve: paho resends every unacknowledged message at once).
+RESEND_WAIT_S = 30.0
 
 
 @dataclass(slots=True)
@@ -98,6 +108,9 @@ class MqttSync:
         self._inflight: dict[int, _InFlight] = {}
         self._ack_retry: list[_InFlight] = []
         self._inflight_lock = threading.Lock()
+        # batches in flight when the connection came up (paho resends them): no new batch before their PUBACKs
+        self._resend: set[int] = set()
+        self._resend_until = 0.0
         self._trimmer = Trimmer()
         self._cursor = 0
         self._thread: threading.Thread | None = None
@@ -111,6 +124,8 @@ class MqttSync:
         # held while the state payload is stored and sent, and while a connection comes up:
         # either the update thread sees the connection or the connection sees the payload
         self._state_lock = threading.Lock()
+        self._state_mid: int | None = None  # the state message not yet acknowledged
+        self._state_sent: bytes | None = None  # what it carries
         self._client = self._make_client()
         buffer.add_listener(self._wake.set)
 
@@ -185,13 +200,32 @@ class MqttSync:
         self.connected.clear()
         self._client.disconnect()
         self._client.loop_stop()
+        self._drain_acks()  # PUBACKs that came in while saying offline: those records are delivered
 
     def publish_state(self, payload: bytes) -> None:
-        """The reported state (retained): sent now if connected, and again on every connection."""
+        """The reported state (retained): sent now if connected and no older state is
+        unacknowledged (else once it is), and again on every connection."""
         with self._state_lock:
             self._state_payload = payload
-            if self.connected.is_set():
-                self._client.publish(self.topics.state, payload, qos=1, retain=True)
+            if self.connected.is_set() and self._state_mid is None:
+                self._send_state(self._client)
+
+    def _send_state(self, client: mqtt.Client) -> None:
+        """Publish the current state; the caller holds ``_state_lock``."""
+        payload = self._state_payload
+        info = client.publish(self.topics.state, payload, qos=1, retain=True)
+        if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):  # NO_CONN: paho keeps it
+            self._state_mid, self._state_sent = info.mid, payload
+
+    def _state_acked(self, mid: int) -> bool:
+        """Publisher thread: a PUBACK for ``mid``; sends a state that changed meanwhile."""
+        with self._state_lock:
+            if mid != self._state_mid:
+                return False
+            self._state_mid = None
+            if self._state_payload is not self._state_sent and self.connected.is_set():
+                self._send_state(self._client)
+            return True
 
     # ------------------------------------------------------------------ paho thread
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -202,9 +236,13 @@ class MqttSync:
         log.info("connected to %s (session present: %s)", self.broker, flags.session_present)
         client.publish(self.topics.status, self._status("online", "connected"), qos=1, retain=True)
         client.subscribe(self.topics.desired, qos=1)  # re-subscribe on every CONNACK
+        with self._inflight_lock:  # paho resends these after this callback: new batches wait for them
+            self._resend = set(self._inflight)
+            self._resend_until = time.monotonic() + RESEND_WAIT_S
         with self._state_lock:  # a state reported from now on is sent by publish_state itself
-            if self._state_payload is not None:
-                client.publish(self.topics.state, self._state_payload, qos=1, retain=True)
+            # an unacknowledged state is resent by paho; the current one follows its PUBACK
+            if self._state_payload is not None and self._state_mid is None:
+                self._send_state(client)
             self.connected.set()
         self._wake.set()
 
@@ -235,8 +273,11 @@ class MqttSync:
                 break
             with self._inflight_lock:
                 item = self._inflight.pop(mid, None)
-            if item is not None:  # None: a status message
+                self._resend.discard(mid)
+            if item is not None:
                 done.append(item)
+            else:  # a status or state message
+                self._state_acked(mid)
         if not done:
             return
         try:
@@ -254,7 +295,7 @@ class MqttSync:
         while not self._stop.is_set():
             self._drain_acks()
             with self._inflight_lock:
-                full = len(self._inflight) >= limit
+                full = len(self._inflight) >= limit or self._resending()
             if full or not self.connected.is_set():
                 self._wake.wait(0.5)
                 self._wake.clear()
@@ -276,6 +317,13 @@ class MqttSync:
                 self._wake.wait(0.5)
                 self._wake.clear()
 
+    def _resending(self) -> bool:
+        """Batches from before the reconnection are unacknowledged (caller holds ``_inflight_lock``)."""
+        if self._resend and time.monotonic() > self._resend_until:
+            log.warning("%d resent batches not acknowledged after %.0f s; publishing on", len(self._resend), RESEND_WAIT_S)
+            self._resend = set()
+        return bool(self._resend)
+
     def _publish_next(self) -> bool:
         settings = self.config.mqtt
         batch = self.buffer.read_batch(self._cursor, settings.batch_max_records, settings.batch_max_bytes)
@@ -285,6 +333,8 @@ class MqttSync:
         if self._bucket is not None:
             self._bucket.take(len(payload), self._stop)
         with self._inflight_lock:  # the PUBACK may arrive before publish() returns
+            if not self.connected.is_set() or self._resending():
+                return False  # the link changed while the batch was read or waited for bandwidth: read it again
             info = self._client.publish(self.topics.telemetry, payload, qos=1)
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                 log.error("publish failed: %s", mqtt.error_string(info.rc))
