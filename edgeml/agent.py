@@ -32,8 +32,18 @@ from .protocol import DESIRED, parse_topic
 log = logging.getLogger(__name__)
 
 
+def _copied(arrays: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: value.copy() if hasattr(value, "copy") else value for name, value in arrays.items()}
+
+
 class Prediction(NamedTuple):
-    """What ``Agent.predict`` answers (a NamedTuple: cheap on the hot path)."""
+    """What ``Agent.predict`` answers (a NamedTuple: cheap on the hot path).
+
+    ``outputs`` are the engine's arrays, not copied: the telemetry summary of the first
+    output is taken from them when the buffer flushes (within ``flush_interval_ms``).
+    Copy an output before changing it in place (``probs = probs / probs.sum()`` rather
+    than ``probs /= ...``) or the summary may show the changed values.
+    """
 
     outputs: dict[str, Any]
     model: str
@@ -306,8 +316,9 @@ class Agent:
         if buffer is not None:
             buffer.append_prediction(name, version, latency, model.first_output, outputs[model.first_output])
             if self._sample_rate and random.random() < self._sample_rate:
+                # copies: encoded later, and an application may reuse its input buffer (a camera frame)
                 buffer.append("sample", {"model": name, "version": version, "prediction_id": f"{self._boot}-{number}",
-                                         "inputs": dict(feeds), "outputs": outputs})
+                                         "inputs": _copied(feeds), "outputs": _copied(outputs)})
         updates = self._updates
         if updates is not None:  # read each attribute once: the update thread may clear it
             probation, shadow = updates.probation, updates.shadow

@@ -36,8 +36,9 @@ Budget and drop policy
     ``metrics`` < ``event``. Drops are counted per class (in records) in the database
     and reported upstream in every metrics record.
 
-    While the disk refuses writes, records wait in memory, at most ``MEMORY_LIMIT``;
-    the excess goes by the same policy and is counted as ``memory``.
+    While the disk refuses writes, records wait in memory, at most ``MEMORY_LIMIT``
+    records and about ``MEMORY_LIMIT_BYTES`` (a queued prediction holds its output
+    array); the excess goes by the same policy and is counted as ``memory``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,21 @@ ROW_OVERHEAD = 32
 _KEY = operator.itemgetter(2, 3, 5)
 _SHAPE = operator.attrgetter("shape")
 _TAG = operator.itemgetter(0)  # 1 for a prediction queued by append_prediction, else 0
+#: Least memory a queued record takes (the tuple, its floats and strings).
+_QUEUED_MIN = 200
+
+
+def _queued_size(item: tuple[Any, ...]) -> int:
+    """About how much memory a queued record holds, arrays included."""
+    if item[0] == 1:
+        return _QUEUED_MIN + getattr(item[6], "nbytes", 0)
+    fields = item[3]
+    size = _QUEUED_MIN
+    for key in ("inputs", "outputs"):  # a sample's arrays
+        values = fields.get(key)
+        if isinstance(values, dict):
+            size += sum(getattr(v, "nbytes", 0) for v in values.values())
+    return size
 #: 3: prediction segments may be packed (see Segments). An agent older than that reads
 #: only JSON segments: ``downgrade()`` (``edgeml agent downgrade-buffer``) converts back.
 SCHEMA_VERSION = 3
@@ -83,6 +99,8 @@ JSON_SCHEMA = 2
 PAGE_CACHE_KIB = 256
 #: Records kept in memory when the database cannot be written (disk full), before dropping.
 MEMORY_LIMIT = 200_000
+#: ... and their approximate size (outputs and sampled arrays included).
+MEMORY_LIMIT_BYTES = 64 * 1024 * 1024
 #: The longest number orjson writes (``-2.2250738585072014e-308``; an int64 is shorter).
 _MAX_NUMBER = 24
 #: Queue length that wakes the flusher before its interval is up. A burst (an application
@@ -308,6 +326,7 @@ class TelemetryBuffer:
         self._listeners: list[Callable[[], None]] = []
         self._storage_errors = 0
         self._in_flush = 0
+        self._memory_drops_unsaved = False
         self._unpacked: tuple[int, bytes] | None = None  # the last packed segment read, as JSON
         self._conn = self._open(fsync)
         self._load_counters()
@@ -429,7 +448,7 @@ class TelemetryBuffer:
                         rows = None
                 else:
                     stacked = np.stack(outputs)  # (n, batch, k); raises on mixed shapes
-                    rows = stacked[:, 0, :]
+                    rows = stacked[:, 0, :] if stacked.dtype.kind == "f" else None
             except (ValueError, TypeError, AttributeError):
                 rows = None
         if rows is None:
@@ -512,17 +531,20 @@ class TelemetryBuffer:
             items = [self._queue.popleft() for _ in range(n)]
             seq0 = self._next_seq
             try:
-                rows = self._segments(items, seq0)
-            except Exception as exc:  # one record that cannot be encoded must not sink the rest
-                log.error("telemetry records failed to encode (%s); replacing the bad ones", exc)
-                items = [self._encodable(item) for item in items]
-                rows = self._segments(items, seq0)
+                rows = self._encode(items, seq0)
+            except BaseException:  # not expected (each record is checked alone): keep them queued
+                self._queue.extendleft(reversed(items))
+                self._in_flush = 0
+                raise
             added = sum(row[4] for row in rows)
             with self._lock:
                 try:
                     self._conn.execute("BEGIN IMMEDIATE")
                     self._conn.executemany("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?)", rows)
                     self._conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (str(seq0 + n),))
+                    if self._memory_drops_unsaved:  # counted while the disk refused writes
+                        self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('dropped.memory', ?)",
+                                           (str(self._dropped["memory"]),))
                     self._conn.execute("COMMIT")
                 except sqlite3.Error as exc:
                     self._rollback()
@@ -532,6 +554,7 @@ class TelemetryBuffer:
                     self._shed_memory()
                     raise StorageError(f"cannot write telemetry buffer {self.path}: {exc}") from exc
                 self._next_seq = seq0 + n
+                self._memory_drops_unsaved = False
                 self._records += n
                 self._bytes += added
                 if self._bytes > self.max_bytes:
@@ -540,6 +563,17 @@ class TelemetryBuffer:
         for callback in self._listeners:
             callback()
         return n
+
+    def _encode(self, items: list[tuple[Any, ...]], seq0: int) -> list[tuple[int, int, int, int, int, bytes]]:
+        try:
+            return self._segments(items, seq0)
+        except Exception as exc:  # one record that cannot be encoded must not sink the rest
+            log.error("telemetry records failed to encode (%s); replacing the bad ones", exc)
+            items[:] = [self._encodable(item) for item in items]
+            try:
+                return self._segments(items, seq0)
+            except Exception:  # each encodes alone but not together: one segment per record
+                return [row for i, item in enumerate(items) for row in self._segments([item], seq0 + i)]
 
     def _encodable(self, item: tuple[Any, ...]) -> tuple[Any, ...]:
         """``item`` if it encodes alone, else an event that says what was lost (same seq)."""
@@ -556,36 +590,44 @@ class TelemetryBuffer:
             self._conn.execute("ROLLBACK")
 
     def _shed_memory(self) -> None:
-        """While the disk refuses writes, keep at most MEMORY_LIMIT records in memory.
+        """While the disk refuses writes, keep at most MEMORY_LIMIT records and about
+        MEMORY_LIMIT_BYTES in memory.
 
         The excess goes by the budget's policy: lowest priority class first, oldest first
-        within a class; counted as ``dropped["memory"]``."""
+        within a class; counted as ``dropped["memory"]`` (saved with the next commit)."""
         queue = self._queue
         n = len(queue)
-        excess = n - MEMORY_LIMIT
-        if excess <= 0:
-            return
+        if n <= MEMORY_LIMIT and n * _QUEUED_MIN <= MEMORY_LIMIT_BYTES and not any(map(_TAG, queue)):
+            return  # few enough, and no prediction holds an array: nothing to weigh
         # popleft/extendleft: appenders only add to the right, so their records stay newest
         items = [queue.popleft() for _ in range(n)]
+        sizes = [_queued_size(item) for item in items]
+        total = sum(sizes)
+        if n <= MEMORY_LIMIT and total <= MEMORY_LIMIT_BYTES:
+            queue.extendleft(reversed(items))
+            return
         classes = [1 if item[0] == 1 else PRIORITIES.get(item[2], 0) for item in items]
-        quota: dict[int, int] = {}
-        left = excess
+        dropped = [False] * n
+        drops: dict[str, int] = {}
+        left = n
         for priority in sorted(_CLASS_NAMES):
-            quota[priority] = min(left, classes.count(priority))
-            left -= quota[priority]
-        drops = {_CLASS_NAMES[p]: k for p, k in quota.items() if k}
-        kept = []
-        for item, priority in zip(items, classes, strict=True):
-            if quota[priority]:
-                quota[priority] -= 1
-            else:
-                kept.append(item)
-        queue.extendleft(reversed(kept))
+            for i in range(n):
+                if left <= MEMORY_LIMIT and total <= MEMORY_LIMIT_BYTES:
+                    break
+                if classes[i] == priority:
+                    dropped[i] = True
+                    left -= 1
+                    total -= sizes[i]
+                    drops[_CLASS_NAMES[priority]] = drops.get(_CLASS_NAMES[priority], 0) + 1
+        queue.extendleft(reversed([item for item, gone in zip(items, dropped, strict=True) if not gone]))
+        excess = n - left
         self._dropped["memory"] = self._dropped.get("memory", 0) + excess
-        with contextlib.suppress(sqlite3.Error):  # best effort: the disk is refusing writes
+        self._memory_drops_unsaved = True
+        with contextlib.suppress(sqlite3.Error):  # best effort now; the next commit saves it anyway
             self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('dropped.memory', ?)",
                                (str(self._dropped["memory"]),))
-        log.error("telemetry buffer: disk not writable, %d records in memory: dropped %s", MEMORY_LIMIT, drops)
+        log.error("telemetry buffer: disk not writable, %d records (~%d MB) kept in memory: dropped %s",
+                  left, total // 2**20, drops)
 
     def _enforce_budget(self) -> None:
         """Drop lowest-priority, oldest segments until the buffer fits its budget (lock held)."""

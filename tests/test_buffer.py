@@ -232,6 +232,52 @@ def test_memory_limit_drops_by_priority_when_the_disk_is_full(tmp_path: Path, mo
     assert inspect(tmp_path / "t.db").dropped == {"memory": 150}  # type: ignore[union-attr]
 
 
+def test_the_memory_limit_weighs_the_arrays_queued_predictions_hold(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queued prediction holds its output: 1,000 classes are 4 KB a record, so the limit
+    in records alone would let a long disk failure take hundreds of MB."""
+    import edgeml.buffer
+
+    monkeypatch.setattr(edgeml.buffer, "MEMORY_LIMIT_BYTES", 200_000)
+    buf = TelemetryBuffer(tmp_path / "t.db")
+    buf._conn.execute("PRAGMA query_only = ON")  # the disk refuses writes
+    big = np.ones((1, 1000), np.float32)
+    for i in range(200):
+        buf.append_prediction("m", "1", float(i), "probs", big)
+    buf.append("event", {"name": "kept", "level": "info", "message": "", "data": {}})
+    with pytest.raises(StorageError):
+        buf.flush()
+    held = sum(edgeml.buffer._queued_size(item) for item in buf._queue)
+    assert held <= 200_000 and buf.stats().pending == len(buf._queue) < 201
+    dropped = buf.stats().dropped["memory"]
+    assert dropped == 201 - buf.stats().pending
+    buf._conn.execute("PRAGMA query_only = OFF")  # space again
+    assert buf.flush() == 201 - dropped
+    records = _all(buf)
+    buf.close()
+    assert [r["name"] for r in records if r["kind"] == "event"] == ["kept"]  # events go last
+    assert [r["latency_us"] for r in records if r["kind"] == "prediction"] == [float(i) for i in range(dropped, 200)]
+    # the count could not be written while the disk refused writes: the next commit saved it
+    assert inspect(tmp_path / "t.db").dropped == {"memory": dropped}  # type: ignore[union-attr]
+
+
+def test_outputs_that_encode_alone_but_not_together_lose_nothing(tmp_path: Path) -> None:
+    """Two 2-row outputs of the same model and output name, one of them an object array:
+    the packed path cannot take both; each record is kept on its own."""
+    buf = TelemetryBuffer(tmp_path / "t.db")
+    buf.append("event", {"name": "important", "level": "info", "message": "", "data": {}})
+    buf.append_prediction("m", "1", 10.0, "y", np.ones((2, 3), np.float32))
+    buf.append_prediction("m", "1", 11.0, "y", np.array([[1.0, None, 2.0], [0.0, 1.0, 2.0]], dtype=object))
+    assert buf.flush() == 3
+    stats = buf.stats()
+    records = _all(buf)
+    buf.close()
+    assert stats.pending == 0 and stats.records == 3
+    assert [r["seq"] for r in records] == [1, 2, 3]
+    assert records[0]["name"] == "important"
+    assert records[1]["kind"] == "prediction" and records[1]["summary"]["top1"] == 0
+
+
 def test_top1_is_argmax_with_ties_nan_and_infinities() -> None:
     from edgeml.buffer import _top1
 

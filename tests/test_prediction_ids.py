@@ -63,3 +63,26 @@ def test_feedback_without_id_still_works(models: dict[str, Path], tmp_path: Path
         assert "prediction_id" not in doc and doc["correct"] is True
         with pytest.raises(Exception, match='"id"'):
             agent.feedback(1, prediction_id="x" * 65)
+
+
+def test_a_sample_keeps_the_inputs_even_when_the_application_reuses_its_buffer(models: dict[str, Path],
+                                                                               tmp_path: Path) -> None:
+    import numpy as np
+
+    from edgeml.buffer import iter_records
+
+    frame = np.array(X, dtype=np.float32)  # one buffer, refilled for every prediction (a camera loop)
+    with _agent(tmp_path, models["onnx_float"], EDGEML_TELEMETRY__SAMPLE_RATE=1.0) as agent:
+        answers = []
+        for i in range(5):
+            frame[0, 0] = i
+            answers.append(agent.predict({"input": frame}))
+            answers[-1].outputs["probs"] *= 0  # the application changes the outputs too
+        buffer = agent._buffer
+        assert buffer is not None
+        buffer.flush()
+        batch = buffer.read_batch(0, 1_000_000, 1 << 40)
+        assert batch is not None
+        samples = [r for r in iter_records(batch.bodies) if r["kind"] == "sample"]
+    assert [s["inputs"]["input"][0][0] for s in samples] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert all(any(v != 0 for v in s["outputs"]["probs"][0]) for s in samples)

@@ -84,7 +84,9 @@ class ShadowRunner:
         if len(self._queue) == self._queue.maxlen:
             self._stats.skipped += 1
             return
-        self._queue.append((feeds, primary, outputs, latency_us))
+        # copies: run and compared later, and the application may reuse or change its arrays
+        self._queue.append(({k: v.copy() for k, v in feeds.items()}, primary,
+                            {k: v.copy() if hasattr(v, "copy") else v for k, v in outputs.items()}, latency_us))
         self._wake.set()
 
     def _work(self) -> None:
