@@ -3,6 +3,7 @@ retained desired states) -> Mosquitto -> agent (download, verify, health, switch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -386,6 +387,14 @@ def test_a_transient_failure_is_retried_but_never_over_a_newer_revision(
         status = wait_until(lambda: finished(agent, 50), 30, what="transient failure")
         assert (status["update"]["result"], status["update"]["reason"]) == ("failed", "download_failed")
         assert status["applied_revision"] is None  # not acted on: it will be retried
+        # housekeeping that runs while the worker is still on its way back to idle keeps the retry
+        updates = agent._updates
+        kept, idle = updates._retry_doc, updates.record
+        assert kept is not None and kept["revision"] == 50
+        updates.record = dataclasses.replace(idle, state=State.DOWNLOADING)
+        updates.retry()
+        updates.record = idle
+        assert updates._retry_doc is kept
         # a newer revision arrives and succeeds
         newer = fleet.signed({**dead, "revision": 60, "model": {"name": "mlp", "version": "2.0.0",
                               "url": f"{fleet.coordinator.url}/v1/artifacts/{v2['sha256']}",

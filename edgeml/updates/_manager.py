@@ -99,6 +99,9 @@ class UpdateManager:
         self.probation: Probation | None = None
         self.last_rejection: dict[str, Any] | None = None
         self._retry_doc: dict[str, Any] | None = None
+        # one state document built and handed over at a time: the paho thread (a rejection)
+        # and the worker (a transition) must not send an older record's document last
+        self._report_lock = threading.Lock()
         self._resume_at: float | None = None  # monotonic time to resume an update an error interrupted
         if os.environ.get(CRASH_AT_ENV):
             log.warning("%s=%s: this agent kills itself (SIGKILL) when an update enters that state; "
@@ -247,8 +250,10 @@ class UpdateManager:
     def retry(self) -> None:
         """Offer again a document whose update failed for a transient reason, if it is
         still the newest one and has not expired."""
+        if self.record.state is not State.IDLE:  # failing right now: the document is kept for later
+            return
         doc, self._retry_doc = self._retry_doc, None
-        if doc is None or self.record.state is not State.IDLE:
+        if doc is None:
             return
         if doc["revision"] <= (self.record.applied_revision or 0):
             return
@@ -578,4 +583,5 @@ class UpdateManager:
         }
 
     def publish_state(self) -> None:
-        self._report(dumps(self.state_document()))
+        with self._report_lock:
+            self._report(dumps(self.state_document()))
