@@ -73,3 +73,75 @@ def test_feedback_records_labels(base: str) -> None:
     assert bad.status_code == 400 and "expected shape" in bad.json()["error"]["message"]
     assert httpx.post(f"{base}/v1/feedback", json={"predicted": 1}).status_code == 400
     assert httpx.post(f"{base}/v1/feedback", json={"label": [1]}).status_code == 400
+
+
+def _raw(base: str, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``request`` as is on a new connection; everything the server answers until it closes."""
+    import socket
+
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_routes_ignore_the_query_and_wrong_methods_get_json_405_with_allow(base: str) -> None:
+    assert httpx.get(f"{base}/v1/health?verbose=1").json()["status"] == "ok"
+    r = httpx.post(f"{base}/v1/health", json={})
+    assert r.status_code == 405 and r.headers["Allow"] == "GET" and r.json()["error"]["code"] == "method_not_allowed"
+    for method in ("OPTIONS", "HEAD", "DELETE"):
+        r = httpx.request(method, f"{base}/v1/predict")
+        assert r.status_code == 405 and r.headers["Allow"] == "POST", method
+        assert method == "HEAD" or r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_get_with_a_body_is_not_read_as_the_next_request(base: str) -> None:
+    answer = _raw(base, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+                        b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 200") == 2, answer
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "-1", "1e3", "chunked"])
+def test_a_content_length_that_is_not_a_plain_number_gets_411(base: str, length: str) -> None:
+    header = length.encode("latin-1")  # how the server decodes header bytes
+    answer = _raw(base, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: " + header + b"\r\n\r\n{}")
+    assert answer.startswith(b"HTTP/1.1 411"), answer
+
+
+def test_a_client_that_stalls_mid_body_is_dropped(models: dict[str, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import time
+
+    from edgeml import api
+
+    assert 0 < api._Handler.timeout <= 120  # the default: a stalled client is dropped within minutes
+    monkeypatch.setattr(api._Handler, "timeout", 0.5)
+    env = agent_env(EDGEML_DATA_DIR=tmp_path / "d", EDGEML_API_ADDR=f"127.0.0.1:{free_port()}",
+                    EDGEML_MODEL_PATH=models["onnx_float"])
+    with Agent(load_config(env=env)) as agent:
+        host, port = agent.config.api_host_port  # type: ignore[misc]
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"inp")
+            t0 = time.monotonic()
+            assert s.recv(1024) == b""  # closed by the server, not held forever
+            assert time.monotonic() - t0 < 5
+
+
+def test_the_api_listens_on_an_ipv6_address(models: dict[str, Path], tmp_path: Path) -> None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    env = agent_env(EDGEML_DATA_DIR=tmp_path / "d", EDGEML_API_ADDR=f"[::1]:{free_port()}",
+                    EDGEML_MODEL_PATH=models["onnx_float"])
+    with Agent(load_config(env=env)) as agent:
+        port = agent.config.api_host_port[1]  # type: ignore[index]
+        assert httpx.get(f"http://[::1]:{port}/v1/health").json()["status"] == "ok"
