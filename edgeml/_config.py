@@ -236,6 +236,18 @@ class AgentConfig(_Settings):
         keys = self.fleet_pubkey
         return [] if keys is None else list(keys) if isinstance(keys, list) else [keys]
 
+    @field_validator("model_path", mode="before")
+    @classmethod
+    def _model_path(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v  # EDGEML_MODEL_PATH= in an env file: none
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_file(cls, v: Path | None) -> Path | None:
+        if v is not None and v.is_dir():
+            raise ValueError(f"{v} is a directory; expected a model file (.onnx or .tflite)")
+        return v
+
     @field_validator("api_addr")
     @classmethod
     def _api_addr(cls, v: str | None) -> str | None:

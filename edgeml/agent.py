@@ -233,7 +233,7 @@ class Agent:
                 if digest is None or digest != self._store.seed():
                     self._activate(self._store.install(Path(path), seed=True))
                     return
-            except ModelLoadError as exc:
+            except (ModelLoadError, OSError) as exc:  # OSError: model_path unreadable (permissions)
                 log.error("%s", exc)
                 self.event("model_load_failed", level="error", message=str(exc), data={"path": str(path)})
         try:

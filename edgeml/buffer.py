@@ -843,7 +843,7 @@ def inspect(path: str | Path) -> BufferStats | None:
     path = Path(path)
     if not path.exists():
         return None
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)  # as_uri: '#', '?', '%' escaped
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         table = "segments" if conn.execute(

@@ -27,7 +27,11 @@ class AgentClient:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise AgentUnavailable(f"cannot reach the agent at {self._http.base_url}: {exc}") from exc
-        body = response.json()
+        try:
+            body = response.json()
+        except ValueError:
+            raise AgentUnavailable(f"{self._http.base_url} answered HTTP {response.status_code} without JSON: "
+                                   "is the agent's api_addr right?") from None
         if response.status_code == 200:
             return body
         if path == "/v1/health":

@@ -145,3 +145,30 @@ def test_the_api_listens_on_an_ipv6_address(models: dict[str, Path], tmp_path: P
     with Agent(load_config(env=env)) as agent:
         port = agent.config.api_host_port[1]  # type: ignore[index]
         assert httpx.get(f"http://[::1]:{port}/v1/health").json()["status"] == "ok"
+
+
+def test_the_client_says_when_something_else_answers_on_the_api_address() -> None:
+    import http.server
+    import threading
+
+    from edgeml import AgentClient, AgentUnavailable
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"hello")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with AgentClient(f"http://127.0.0.1:{server.server_address[1]}") as client, \
+                pytest.raises(AgentUnavailable, match="without JSON"):
+            client.status()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -409,3 +409,13 @@ def test_outputs_of_several_batch_sizes_in_one_flush(tmp_path: Path) -> None:
     assert [r["batch"] for r in records] == [1, 2, 0]
     assert [r["summary"] and r["summary"]["top1"] for r in records] == [1, 0, None]
     assert records[1]["summary"]["score"] == 5.0
+
+
+def test_inspect_reads_a_buffer_whose_path_has_uri_characters(tmp_path: Path) -> None:
+    odd = tmp_path / "data #7 ?x=1 %20"
+    with TelemetryBuffer(odd / "t.db") as buf:
+        buf.append("event", {"name": "e", "level": "info", "message": "", "data": {}})
+        buf.flush()
+    stats = inspect(odd / "t.db")
+    assert stats is not None and stats.records == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [odd.name]  # no stray file made from a cut-off URI

@@ -45,6 +45,7 @@ def test_all_short_variables(tmp_path: Path) -> None:
         ({"EDGEML_FLEET": "#"}, "fleet", "letters"),
         ({"EDGEML_TELEMETRY__SAMPLE_RATE": "2"}, "telemetry.sample_rate", "less than or equal"),
         ({"EDGEML_MQTT__MAX_INFLIGHT": "lots"}, "mqtt.max_inflight", "integer"),
+        ({"EDGEML_MODEL_PATH": "/"}, "model_path", "is a directory"),
     ],
 )
 def test_bad_setting_names_key_and_reason(env: dict[str, str], key: str, reason: str) -> None:
@@ -88,3 +89,19 @@ def test_cli_refuses_bad_setting_with_exit_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "broker_url" in result.stderr and "EDGEML_BROKER_URL" in result.stderr
+
+
+def test_an_empty_model_path_means_none() -> None:  # EDGEML_MODEL_PATH= in an env file
+    assert load_config(env={"EDGEML_MODEL_PATH": ""}).model_path is None
+    assert load_config(env={"EDGEML_MODEL_PATH": "  "}).model_path is None
+
+
+def test_an_unreadable_fleet_key_stops_the_start_naming_the_key(tmp_path: Path) -> None:
+    from edgeml import Agent
+
+    cfg = load_config(env={"EDGEML_DATA_DIR": str(tmp_path / "d"), "EDGEML_FLEET_PUBKEY": str(tmp_path / "nope.pub"),
+                           "EDGEML_API_ADDR": "off", "EDGEML_DISCOVERY__BROWSE": "false",
+                           "EDGEML_DISCOVERY__ANNOUNCE": "false"})
+    with pytest.raises(ConfigError) as info:
+        Agent(cfg).start()
+    assert info.value.key == "fleet_pubkey" and "nope.pub" in str(info.value)

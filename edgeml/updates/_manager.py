@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from .._config import AgentConfig
-from .._exceptions import ModelLoadError, SignatureError
+from .._exceptions import ConfigError, ModelLoadError, SignatureError
 from .._json import dumps, loads
 from .._models import LoadedModel, ModelInfo, ModelStore, durable_replace
 from ..protocol import DesiredState
@@ -114,7 +114,10 @@ class UpdateManager:
             return None
         from ..protocol.signing import load_public_keys
 
-        return load_public_keys(self.config.fleet_pubkeys)
+        try:
+            return load_public_keys(self.config.fleet_pubkeys)
+        except SignatureError as exc:  # missing, unreadable or not an ed25519 public key
+            raise ConfigError("fleet_pubkey", str(exc)) from None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
