@@ -25,6 +25,7 @@ from typing import Any
 
 from ._exceptions import ModelLoadError
 from .runtime import Runtime, load_runtime
+from .runtime._base import is_ort_format
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class ModelStore:
 
     def keep(self, source: Path, loaded: LoadedModel) -> ModelInfo:
         """Copy a loaded model file into the store (write, fsync, rename); its info there."""
-        suffix = ".tflite" if loaded.info.engine == "litert" else ".onnx"
+        suffix = ".tflite" if loaded.info.engine == "litert" else ".ort" if is_ort_format(source) else ".onnx"
         stored = self.root / f"{loaded.info.sha256}{suffix}"
         with self._lock:
             if stored.resolve() != source.resolve() and not stored.exists():

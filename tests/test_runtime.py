@@ -203,3 +203,138 @@ def test_tflite_metadata_of_a_cut_file_is_a_clear_error(tmp_path: Path) -> None:
         (tmp_path / "cut.tflite").write_bytes(raw[:size])
         with pytest.raises(ValueError, match="cut.tflite"):
             read_tflite_metadata(tmp_path / "cut.tflite")
+
+
+def _identity_onnx(path: Path, elem_type: int, shape: list[int | str] | None) -> Path:
+    """One Identity node: what goes in comes out (shape None: the input's rank is not declared)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def info(name: str) -> onnx.ValueInfoProto:
+        if shape is None:
+            return helper.make_value_info(name, helper.make_tensor_type_proto(elem_type, shape=None))
+        return helper.make_tensor_value_info(name, elem_type, shape)
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [info("x")], [info("y")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    assert TensorProto  # the element types come from it
+    return path
+
+
+@pytest.mark.parametrize(
+    ("elem", "value", "message"),
+    [
+        ("UINT8", [[300, 1]], "out of range 0..255"),
+        ("INT8", [[-1, -129]], "out of range -128..127"),
+        ("INT64", [[2**63, 1]], "out of range"),
+        ("FLOAT16", [[1e6, 1.0]], "out of range of float16"),
+        ("FLOAT", [[1e300, 1.0]], "out of range of float32"),
+        ("FLOAT", [[True, False]], "got booleans"),
+        ("BOOL", [[2, 1]], "expected booleans"),
+    ],
+)
+def test_numbers_that_do_not_fit_the_input_type_are_refused_not_wrapped(elem: str, value: list, message: str,
+                                                                          tmp_path: Path) -> None:
+    from onnx import TensorProto
+
+    runtime = load_runtime(_identity_onnx(tmp_path / "m.onnx", getattr(TensorProto, elem), ["N", 2]))
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        runtime.prepare({"x": value})
+
+
+def test_numbers_that_fit_are_converted_exactly(tmp_path: Path) -> None:
+    from onnx import TensorProto
+
+    runtime = load_runtime(_identity_onnx(tmp_path / "m.onnx", TensorProto.UINT8, ["N", 2]))
+    assert runtime.run(runtime.prepare({"x": [[0, 255]]}))["y"].tolist() == [[0, 255]]
+    flags = load_runtime(_identity_onnx(tmp_path / "b.onnx", TensorProto.BOOL, ["N", 2]))
+    assert flags.run(flags.prepare({"x": [[True, False]]}))["y"].tolist() == [[True, False]]
+    assert flags.run(flags.prepare({"x": [[1, 0]]}))["y"].tolist() == [[True, False]]
+
+
+def test_an_input_of_undeclared_rank_is_served(tmp_path: Path) -> None:
+    from onnx import TensorProto
+
+    path = _identity_onnx(tmp_path / "m.onnx", TensorProto.FLOAT, None)
+    with _agent(tmp_path, path) as agent:
+        out = agent.predict({"x": [[1.0, 2.0], [3.0, 4.0]]}).outputs["y"]
+        assert out.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+        assert agent.predict({"x": [5.0]}).outputs["y"].tolist() == [5.0]
+
+
+def test_an_ort_format_model_is_served_again_after_a_restart(models: dict[str, Path], tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    ort_model = tmp_path / "mlp.ort"
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(ort_model)
+    opts.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(str(models["onnx_float"]), opts, providers=["CPUExecutionProvider"])
+    want = _direct("onnx", models["onnx_float"], X)
+    for _ in range(2):  # the second start loads the stored copy
+        with _agent(tmp_path, ort_model) as agent:
+            assert agent.health()["status"] == "ok"
+            np.testing.assert_allclose(agent.predict({"input": X}).outputs["probs"], want, rtol=1e-5)
+    assert [p.suffix for p in (tmp_path / "data" / "models").glob("*.ort")] == [".ort"]
+
+
+def _fixed_batch_tflite(path: Path) -> Path:
+    """input [1, 4] -> RESHAPE to [1, 4]: a graph that cannot take another batch size."""
+    flatbuffers = pytest.importorskip("flatbuffers")
+    schema = pytest.importorskip("ai_edge_litert.schema_py_generated")
+    buffers, tensors = [schema.BufferT()], []
+
+    def tensor(name: str, shape: list[int], kind: int, data: np.ndarray | None = None) -> int:
+        buf = schema.BufferT()
+        if data is not None:
+            buf.data = np.frombuffer(data.tobytes(), dtype=np.uint8)
+        buffers.append(buf)
+        t = schema.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, shape, kind, len(buffers) - 1
+        tensors.append(t)
+        return len(tensors) - 1
+
+    x = tensor("input", [1, 4], schema.TensorType.FLOAT32)
+    shape = tensor("shape", [2], schema.TensorType.INT32, np.array([1, 4], np.int32))
+    y = tensor("out", [1, 4], schema.TensorType.FLOAT32)
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.RESHAPE
+    code.version = 1
+    op = schema.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [x, shape], [y]
+    options = schema.ReshapeOptionsT()
+    options.newShape = [1, 4]
+    op.builtinOptionsType, op.builtinOptions = schema.BuiltinOptions.ReshapeOptions, options
+    graph = schema.SubGraphT()
+    graph.name, graph.tensors, graph.inputs, graph.outputs, graph.operators = "main", tensors, [x], [y], [op]
+    model = schema.ModelT()
+    model.version, model.operatorCodes, model.subgraphs, model.buffers, model.metadata = 3, [code], [graph], buffers, []
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(bytes(builder.Output()))
+    return path
+
+
+def test_a_batch_the_tflite_graph_cannot_take_is_a_400_and_the_model_keeps_serving(tmp_path: Path) -> None:
+    runtime = load_runtime(_fixed_batch_tflite(tmp_path / "fixed.tflite"))
+    one = [[1.0, 2.0, 3.0, 4.0]]
+    with pytest.raises(InputError, match=r"cannot take shape \[2, 4\].*it takes \[1, 4\]"):
+        runtime.run(runtime.prepare({"input": one * 2}))
+    assert runtime.run(runtime.prepare({"input": one}))["out"].tolist() == one  # served as before
+
+
+def test_inputs_that_share_a_named_dimension_must_agree_on_it(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    a, b, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4]) for n in ("a", "b", "y"))
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "add", [a, b], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "add.onnx")
+    with _agent(tmp_path, tmp_path / "add.onnx") as agent:
+        with pytest.raises(InputError, match=r"agree on dimension 'N': a\[0\] = 2, b\[0\] = 3"):
+            agent.predict({"a": np.zeros((2, 4), np.float32), "b": np.zeros((3, 4), np.float32)})
+        assert agent.predict({"a": np.ones((2, 4), np.float32), "b": np.ones((2, 4), np.float32)}).outputs["y"].sum() == 16

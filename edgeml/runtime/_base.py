@@ -27,6 +27,9 @@ class TensorSpec:
     #: False when the model does not declare the tensor's rank (``shape`` is then ``()``;
     #: ONNX Runtime describes a scalar the same way).
     rank_known: bool = True
+    #: Names of the dynamic dimensions (``"N"``) where the model gives them; inputs that
+    #: share a name must agree on its size.
+    dim_names: tuple[str | None, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name, "quantized": self.quantized}
@@ -34,6 +37,15 @@ class TensorSpec:
     def example(self) -> np.ndarray:
         """A zero-filled input of this spec (dynamic dimensions set to 1)."""
         return np.zeros([d if d is not None else 1 for d in self.shape], dtype=self.dtype)
+
+
+def is_ort_format(path: Any) -> bool:
+    """True for ONNX Runtime's own format (an ``.ort`` file, whatever its name now)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8)[4:8] == b"ORTM"
+    except OSError:
+        return False
 
 
 class Runtime(abc.ABC):
@@ -55,6 +67,8 @@ class Runtime(abc.ABC):
         """Release engine resources."""
 
     def warm_up(self, runs: int) -> None:
+        if not all(spec.rank_known for spec in self.inputs):
+            return  # no input can be made up for a tensor of unknown rank: the first request warms it
         feeds = {spec.name: spec.example() for spec in self.inputs}
         for _ in range(runs):
             self.run(feeds)
@@ -62,6 +76,8 @@ class Runtime(abc.ABC):
     #: (name, dtype, rank, leading dynamic dims, fixed tail) of a single input, or None;
     #: False until the first call (subclasses set ``inputs`` after construction)
     _fast: tuple[str, np.dtype, int, int, tuple[int, ...]] | None | bool = False
+    #: named dynamic dimensions shared by several inputs (None until the first full check)
+    _shared: list[tuple[str, list[tuple[str, int]]]] | None = None
 
     def prepare(self, raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Check and convert caller inputs; :class:`InputError` says what is wrong."""
@@ -86,7 +102,25 @@ class Runtime(abc.ABC):
         if len(raw) != len(feeds):
             unknown = sorted(set(raw) - set(feeds))
             raise InputError(f"unknown input(s) {unknown} (model inputs: {', '.join(feeds)})")
+        shared = self._shared
+        if shared is None:
+            shared = self._shared = _shared_dims(self.inputs)
+        for dim, places in shared:
+            sizes = {f"{name}[{axis}]": feeds[name].shape[axis] for name, axis in places if feeds[name].ndim > axis}
+            if len(set(sizes.values())) > 1:
+                got = ", ".join(f"{where} = {size}" for where, size in sizes.items())
+                raise InputError(f"inputs must agree on dimension {dim!r}: {got}")
         return feeds
+
+
+def _shared_dims(inputs: tuple[TensorSpec, ...]) -> list[tuple[str, list[tuple[str, int]]]]:
+    """Named dynamic dimensions that appear more than once among the inputs."""
+    places: dict[str, list[tuple[str, int]]] = {}
+    for spec in inputs:
+        for axis, name in enumerate(spec.dim_names):
+            if name:
+                places.setdefault(name, []).append((spec.name, axis))
+    return [(name, where) for name, where in places.items() if len(where) > 1]
 
 
 def _fast_spec(inputs: tuple[TensorSpec, ...]) -> tuple[str, np.dtype, int, int, tuple[int, ...]] | None:
@@ -114,9 +148,27 @@ def _convert(spec: TensorSpec, value: Any) -> np.ndarray:
             raise InputError(f"input {spec.name!r}: not a rectangular array ({exc})") from None
         if arr.dtype.kind not in "biuf":
             raise InputError(f"input {spec.name!r}: expected numbers of type {spec.dtype.name}, got {arr.dtype.kind!r} data")
-        if arr.dtype.kind == "f" and spec.dtype.kind in "iu":
+        want = spec.dtype.kind
+        if arr.dtype.kind == "b" and want != "b":
+            raise InputError(f"input {spec.name!r}: expected numbers of type {spec.dtype.name}, got booleans")
+        if arr.dtype.kind == "f" and want in "iu":
+            if arr.size and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+                raise InputError(f"input {spec.name!r}: {spec.dtype.name} values out of range "
+                                 f"{np.iinfo(spec.dtype).min}..{np.iinfo(spec.dtype).max}")
             raise InputError(f"input {spec.name!r}: expected integers ({spec.dtype.name}), got floats")
-        arr = arr.astype(spec.dtype, copy=False)
+        if want in "iu" and arr.size and arr.dtype != spec.dtype:
+            info = np.iinfo(spec.dtype)
+            if arr.min() < info.min or arr.max() > info.max:  # astype would wrap around silently
+                raise InputError(f"input {spec.name!r}: {spec.dtype.name} values out of range {info.min}..{info.max}")
+        if want == "b" and arr.dtype.kind != "b" and arr.size and not np.all((arr == 0) | (arr == 1)):
+            raise InputError(f"input {spec.name!r}: expected booleans (true/false or 0/1)")
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+            converted = arr.astype(spec.dtype, copy=False)
+        if want == "f" and arr.dtype.kind == "f" and arr.size and np.any(np.isfinite(arr) & ~np.isfinite(converted)):
+            raise InputError(f"input {spec.name!r}: values out of range of {spec.dtype.name}")
+        arr = converted
+    if not spec.rank_known:
+        return arr  # the model does not say: the engine checks
     if arr.ndim != len(spec.shape):
         raise InputError(
             f"input {spec.name!r}: expected {len(spec.shape)} dimensions {_shape_text(spec.shape)}, got shape {list(arr.shape)}"

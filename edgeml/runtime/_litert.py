@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .._exceptions import ModelLoadError
+from .._exceptions import InputError, ModelError, ModelLoadError
 from ._base import Runtime, TensorSpec
 from .tflite_metadata import read_tflite_metadata
 
@@ -80,19 +80,31 @@ class LiteRTRuntime(Runtime):
         except (OSError, ValueError) as exc:  # the interpreter verified the flatbuffer: unexpected
             raise ModelLoadError(f"cannot read the metadata of TFLite model {path}: {exc}") from exc
         self._lock = threading.Lock()
-        self._shapes = {d["index"]: tuple(d["shape"]) for d in self._in}
+        self._shapes = {d["index"]: tuple(int(n) for n in d["shape"]) for d in self._in}
 
-    def _resize(self, index: int, shape: tuple[int, ...]) -> None:
-        if self._shapes[index] != shape:
+    def _resize(self, index: int, name: str, shape: tuple[int, ...]) -> None:
+        old = self._shapes[index]
+        if old == shape:
+            return
+        try:
             self._interp.resize_tensor_input(index, list(shape))
             self._interp.allocate_tensors()
-            self._shapes[index] = shape
+        except Exception as exc:  # the graph cannot take that shape (a fixed reshape, say)
+            try:  # back to the shape that worked, so the next request is served
+                self._interp.resize_tensor_input(index, list(old))
+                self._interp.allocate_tensors()
+            except Exception as again:
+                raise ModelError(f"the model cannot be restored to shape {list(old)}: {again}") from again
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"input {name!r}: this model cannot take shape {list(shape)} ({reason}); "
+                             f"it takes {list(old)}") from None
+        self._shapes[index] = shape
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
             for detail in self._in:
                 arr = feeds[detail["name"]]
-                self._resize(detail["index"], arr.shape)
+                self._resize(detail["index"], detail["name"], arr.shape)
                 quant = _quant(detail)
                 if quant is not None and arr.dtype.kind == "f":
                     info = np.iinfo(detail["dtype"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .._exceptions import ModelLoadError
-from ._base import Runtime, TensorSpec
+from ._base import Runtime, TensorSpec, is_ort_format
 
 _ONNX_TYPES = {
     "tensor(float)": np.float32,
@@ -33,7 +33,8 @@ def _spec(arg: object, *, output: bool = False) -> TensorSpec:
     dims = arg.shape  # type: ignore[attr-defined]
     shape = tuple(d if isinstance(d, int) and d > 0 else None for d in (dims or []))
     # ONNX Runtime says [] both for a scalar and for a tensor of unknown rank: take it as unknown
-    return TensorSpec(name, shape, np.dtype(_ONNX_TYPES[onnx_type]), rank_known=bool(dims))
+    names = tuple(d if isinstance(d, str) and d else None for d in (dims or []))
+    return TensorSpec(name, shape, np.dtype(_ONNX_TYPES[onnx_type]), rank_known=bool(dims), dim_names=names)
 
 
 class OnnxRuntime(Runtime):
@@ -46,6 +47,8 @@ class OnnxRuntime(Runtime):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        if is_ort_format(path):  # ONNX Runtime tells the formats apart by the file name only
+            opts.add_session_config_entry("session.load_model_format", "ORT")
         try:
             self._session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises pybind errors of several kinds
