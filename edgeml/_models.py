@@ -28,6 +28,13 @@ from .runtime import Runtime, load_runtime
 from .runtime._base import is_ort_format
 
 log = logging.getLogger(__name__)
+#: File suffixes of the models in a store (content-addressed: ``{sha256}{suffix}``).
+MODEL_SUFFIXES = (".onnx", ".tflite", ".ort")
+
+
+def model_suffix(head: bytes) -> str:
+    """The store's suffix for a model file that starts with ``head`` (its first 8 bytes)."""
+    return ".tflite" if head[4:8] == b"TFL3" else ".ort" if head[4:8] == b"ORTM" else ".onnx"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +118,7 @@ class ModelStore:
         self._engine = engine
         self._threads = threads
         self._warmup = warmup_runs
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # install() holds it across keep() and switch()
 
     @property
     def _pointer(self) -> Path:
@@ -219,8 +226,9 @@ class ModelStore:
         """Load ``source``; if it works, keep it in the store and make it active
         (``seed``: it is the start-up model, remembered so it is installed only once)."""
         candidate = self.load(source)
-        info = self.keep(source, candidate)
-        self.switch(info, seed=seed)
+        with self._lock:  # keep and switch as one step for collect_garbage
+            info = self.keep(source, candidate)
+            self.switch(info, seed=seed)
         return LoadedModel(info, candidate.runtime, candidate.first_output)
 
     def load_active(self) -> LoadedModel | None:
@@ -229,12 +237,24 @@ class ModelStore:
         return None if info is None else self.load_info(info)
 
     def collect_garbage(self, keep: set[str] = frozenset()) -> int:  # type: ignore[assignment]
-        """Delete model files that neither slot (nor ``keep``, sha256s) refers to."""
-        pointer = self._read_pointer()
-        wanted = {d["sha256"] for d in (pointer.get("active"), pointer.get("previous")) if d} | set(keep)
-        removed = 0
-        for path in self.root.iterdir():
-            if path.suffix in (".onnx", ".tflite") and path.stem not in wanted:
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
+        """Delete model files that neither slot (nor ``keep``, sha256s) refers to. Nothing
+        is deleted while the pointer cannot be read (it would look as if none were wanted)."""
+        with self._lock:  # not between keep() and switch() of an install
+            try:
+                doc = json.loads(self._pointer.read_text())
+                readable = isinstance(doc, dict)
+            except FileNotFoundError:
+                readable = True  # an empty store
+            except (OSError, ValueError):
+                readable = False
+            if not readable:
+                log.error("not cleaning the model store: %s cannot be read", self._pointer)
+                return 0
+            pointer = self._read_pointer()
+            wanted = {d["sha256"] for d in (pointer.get("active"), pointer.get("previous")) if d} | set(keep)
+            removed = 0
+            for path in self.root.iterdir():
+                if path.suffix in MODEL_SUFFIXES and path.stem not in wanted:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            return removed

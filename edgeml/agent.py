@@ -141,8 +141,12 @@ class Agent:
         except OSError as exc:
             raise ConfigError("data_dir", f"cannot create {self.data_dir / 'models'}: {exc.strerror or exc}") from exc
         self.event("agent_started", message=f"edgeml agent {__version__}", data={"pid": os.getpid()})
-        self._load_initial_model()
         self._start_updates()
+        try:  # a crash during probation counts before the candidate serves again
+            self._updates.check_boot()
+        except Exception:  # the update log unwritable, say: serve anyway; the worker retries
+            log.exception("checking the interrupted update at start failed")
+        self._load_initial_model()
         if cfg.api_addr:
             from .api import LocalAPI
 

@@ -107,10 +107,13 @@ def test_a_crash_loop_during_probation_rolls_back_on_restart(
     assert agent.status()["model"]["sha256"] == v2["sha256"]
     agent.kill()  # SIGKILL: the agent dies while the new model is on probation
     agent.start()
+    # counted at start, before the candidate serves (it may kill the agent again at once)
+    assert update_state(data)["crashes"] == 1
     wait_until(lambda: on_probation(1), 30, what="probation after the first crash")
     assert agent.status()["update"]["state"] == "probation"
     agent.kill()
     agent.start()  # the second crash reaches the limit: roll back, do not try again
+    assert agent.status()["model"]["version"] == "1.0.0"  # it boots into the previous model: v2 never serves again
     status = wait_until(lambda: finished_process(agent, doc["revision"]), 30, what="rollback")
     assert (status["update"]["result"], status["update"]["reason"]) == ("rolled_back", "crash_loop")
     assert status["model"]["version"] == "1.0.0"
@@ -132,3 +135,30 @@ def finished_process(agent: Any, revision: int) -> dict[str, Any] | None:
     status = agent.status()
     update = status["update"]
     return status if update["revision"] == revision and update["state"] == "idle" and update["result"] else None
+
+
+def test_a_previous_model_that_no_longer_loads_leaves_the_candidate_active_not_nothing(
+    broker: Broker, fleet: Fleet, models: dict[str, Path], tmp_path: Path,
+) -> None:
+    """The rollback loads the previous model before it moves the pointer: a previous model
+    that fails to load leaves the device serving, and booting into, what runs."""
+    v1 = fleet.register(models["onnx_float"], "1.0.0")
+    fleet.register(models["onnx_v2"], "2.0.0")
+    settings = {"EDGEML_UPDATES__PROBATION_S": 60, "EDGEML_UPDATES__PROBATION_MIN_PREDICTIONS": 10,
+                "EDGEML_UPDATES__MAX_ERROR_RATE": 0.2}
+    with make_agent(tmp_path, broker, fleet, models["onnx_float"], **settings) as agent:
+        doc = fleet.deploy("mlp@2.0.0")
+        wait_until(lambda: agent.status()["update"]["state"] == "probation", 30, what="probation")
+        stored = tmp_path / "agent" / "models" / f"{v1['sha256']}.onnx"
+        stored.write_bytes(b"\x00" * 64)  # the previous model's file is damaged
+        probe = agent._updates.probation
+        for _ in range(20):  # failures the probation counts
+            probe.observe(None)
+        status = wait_until(lambda: finished(agent, doc["revision"]), 30, what="the failed rollback")
+        assert (status["update"]["result"], status["update"]["reason"]) == ("failed", "rollback_failed")
+        assert agent.predict({"input": X}).version == "2.0.0"  # still serving
+    assert update_state(tmp_path / "agent")["state"] == "idle"
+    pointer = (tmp_path / "agent" / "models" / "active.json").read_text()
+    assert '"2.0.0"' in pointer.split('"previous"')[0]  # the device boots into the model that runs
+    with make_agent(tmp_path, broker, fleet, models["onnx_float"], **settings) as again:
+        assert again.health()["status"] == "ok" and again.predict({"input": X}).version == "2.0.0"

@@ -293,7 +293,9 @@ def test_not_enough_disk_is_refused(broker: Broker, fleet: Fleet, models: dict[s
     with make_agent(tmp_path, broker, fleet, models["onnx_float"], EDGEML_UPDATES__MIN_FREE_BYTES=1 << 60) as agent:
         doc = fleet.deploy("mlp@2.0.0")
         wait_until(lambda: finished(agent, doc["revision"]), 30, what="update")
-        assert agent.status()["update"]["reason"] == "no_disk"
+        status = agent.status()
+        assert (status["update"]["result"], status["update"]["reason"]) == ("failed", "no_disk")
+        assert status["applied_revision"] is None  # transient: retried once there is space
         assert agent.model is not None and agent.model.version == "1.0.0"
 
 

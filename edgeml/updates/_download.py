@@ -29,7 +29,8 @@ def check_disk(directory: Path, needed: int, keep_free: int) -> None:
     free = shutil.disk_usage(directory).free
     if free - needed < keep_free:
         raise UpdateRejected(
-            "no_disk", f"{needed} bytes needed, {free} free on {directory}, {keep_free} must stay free"
+            "no_disk", f"{needed} bytes needed, {free} free on {directory}, {keep_free} must stay free",
+            transient=True,  # space may be freed: the revision is retried, not applied
         )
 
 
@@ -117,7 +118,7 @@ def _fetch(url: str, dest: Path, *, size: int | None, max_bytes: int, timeout_s:
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             dest.unlink(missing_ok=True)
-            raise UpdateRejected("no_disk", f"disk full while downloading {url}") from exc
+            raise UpdateRejected("no_disk", f"disk full while downloading {url}", transient=True) from exc
         raise UpdateRejected("io_error", f"cannot write {dest}: {exc}", transient=True) from exc
 
 

@@ -24,7 +24,14 @@ from pydantic import ValidationError
 from .._config import AgentConfig
 from .._exceptions import ConfigError, ModelLoadError, SignatureError
 from .._json import dumps, loads
-from .._models import LoadedModel, ModelInfo, ModelStore, durable_replace
+from .._models import (
+    MODEL_SUFFIXES,
+    LoadedModel,
+    ModelInfo,
+    ModelStore,
+    durable_replace,
+    model_suffix,
+)
 from ..protocol import DesiredState
 from ._download import UpdateRejected, _hash, check_disk, download, fetch_small
 from ._health import check_contract, health_check
@@ -103,6 +110,7 @@ class UpdateManager:
         # and the worker (a transition) must not send an older record's document last
         self._report_lock = threading.Lock()
         self._resume_at: float | None = None  # monotonic time to resume an update an error interrupted
+        self._probation_t0: float | None = None  # monotonic time the probation would have begun, served time included
         if os.environ.get(CRASH_AT_ENV):
             log.warning("%s=%s: this agent kills itself (SIGKILL) when an update enters that state; "
                         "a fault injection for tests and HIL rigs, never for a device in service",
@@ -133,8 +141,17 @@ class UpdateManager:
         if self.shadow is not None:
             self.shadow.close()
             self.shadow = None
-        if self.record.state is State.PROBATION:  # a clean stop is not a crash
-            self.record = self.log.save(replace(self.record, extra={**self.record.extra, "clean_stop": True}))
+        if self._thread is None or not self._thread.is_alive():  # the worker is done with the record
+            record = self.record
+            if record.state is State.PROBATION:  # a clean stop is not a crash; the time served counts
+                served = time.monotonic() - self._probation_t0 if self._probation_t0 is not None else 0.0
+                extra = {**record.extra, "clean_stop": True, "served_s": max(served, record.extra.get("served_s", 0.0))}
+                self.record = self.log.save(replace(record, extra=extra))
+            elif record.state is not State.IDLE:  # the action stopped cleanly: not an attempt that died
+                attempts = dict(record.extra.get("attempts", {}))
+                if attempts.get(record.state.value):
+                    attempts[record.state.value] -= 1
+                    self.record = self.log.save(replace(record, extra={**record.extra, "attempts": attempts}))
         self.log.close()
 
     # ------------------------------------------------------------------ paho thread
@@ -212,11 +229,19 @@ class UpdateManager:
         self._guarded(self.publish_state)
         while not self._stop.is_set():
             with self._cond:
-                while self._pending is None and not self._stop.is_set():
-                    self._cond.wait(1.0)
+                while not self._stop.is_set():
                     if self._resume_at is not None and time.monotonic() >= self._resume_at:
                         break
-                doc, self._pending = self._pending, None
+                    if self._pending is not None:
+                        if self.record.state is State.IDLE:
+                            break
+                        if self._resume_at is None:  # an update caught halfway: finish it first
+                            self._resume_at = time.monotonic()
+                            break
+                    self._cond.wait(1.0)
+                doc = None
+                if self.record.state is State.IDLE:  # else it waits for the interrupted update
+                    doc, self._pending = self._pending, None
             if self._stop.is_set():
                 return
             if self._resume_at is not None and time.monotonic() >= self._resume_at:
@@ -224,6 +249,32 @@ class UpdateManager:
                 self._guarded(self._resume)
             if doc is not None:
                 self._guarded(lambda doc=doc: self._begin(doc), doc)
+
+    def check_boot(self) -> None:
+        """At start, before any model loads: an agent that died while a model was on
+        probation counts a crash now (the candidate would serve, and maybe kill the agent
+        again, before the worker runs), and at the limit the pointer goes back to the
+        previous model (if that one loads) so the agent boots into it."""
+        record = self.record
+        if record.state is not State.PROBATION or not record.extra.get("entered") or record.extra.get("clean_stop"):
+            return
+        crashes = record.crashes + 1
+        self.record = record = self.log.save(replace(record, crashes=crashes, extra={**record.extra, "entered": False}))
+        self._event("probation_crash", level="warning", data={"crashes": crashes, "revision": record.revision})
+        if crashes < self.settings.crash_loop_limit:
+            return
+        log.warning("update %s: the agent restarted %d times during probation: rolling back", record.revision, crashes)
+        self._fail("crash_loop", f"the agent restarted {crashes} times during probation")
+        self._advance(Event.FAILED)  # rolling_back, persisted: the worker finishes it
+        active, previous = self.store.active_info(), self.store.previous_info()
+        if active is None or previous is None or active.sha256 != (record.candidate or {}).get("sha256"):
+            return
+        try:
+            self.store.load_info(previous).runtime.close()  # it must load before the device boots into it
+        except ModelLoadError as exc:
+            log.error("cannot roll back at start: the previous model does not load (%s)", exc)
+            return
+        self.store.rollback()
 
     def _resume(self) -> None:
         if self.record.state is not State.IDLE:
@@ -268,6 +319,11 @@ class UpdateManager:
             self._cond.notify_all()
 
     def _begin(self, doc: dict[str, Any]) -> None:
+        if self.record.state is not State.IDLE:  # never over an unfinished update: after it
+            with self._cond:
+                if self._pending is None or self._pending["revision"] < doc["revision"]:
+                    self._pending = doc
+            return
         desired = DesiredState.model_validate(doc)
         self._retry_doc = None  # a newer document supersedes any retry
         if desired.revision <= (self.record.applied_revision or 0):
@@ -345,7 +401,7 @@ class UpdateManager:
         else:
             result = "failed" if transient else "rejected"
         self.record = replace(self.record, result=result, reason=reason, applied_revision=applied)
-        self._cleanup()
+        self._cleanup(keep_partial=transient)
         return Event.FAILED
 
     # ------------------------------------------------------------------ actions (one per state)
@@ -355,7 +411,7 @@ class UpdateManager:
     def _do_downloading(self) -> Event:
         target = self.record.target or {}
         sha = target.get("sha256")
-        if sha and any(p.stem == sha for p in self.store.root.glob(f"{sha}.*")):
+        if sha and any(p.stem == sha and p.suffix in MODEL_SUFFIXES for p in self.store.root.glob(f"{sha}.*")):
             return Event.DOWNLOADED  # already on the device (e.g. the previous model)
         url = target.get("url")
         if not url:
@@ -374,7 +430,7 @@ class UpdateManager:
     def _do_verifying(self) -> Event:
         target = self.record.target or {}
         sha = target.get("sha256")
-        existing = [p for p in self.store.root.glob(f"{sha}.*") if p.suffix in (".onnx", ".tflite")] if sha else []
+        existing = [p for p in self.store.root.glob(f"{sha}.*") if p.suffix in MODEL_SUFFIXES] if sha else []
         part = existing[0] if existing else self._part()
         if not part.exists():
             raise UpdateRejected("truncated", "the downloaded file is gone")
@@ -389,7 +445,7 @@ class UpdateManager:
             self._verify_signature(target.get("url", ""), digest, part)
         with part.open("rb") as fh:
             head = fh.read(8)
-        final = self.store.root / f"{digest}{'.tflite' if head[4:8] == b'TFL3' else '.onnx'}"
+        final = self.store.root / f"{digest}{model_suffix(head)}"
         if part != final:
             durable_replace(part, final)  # verified: it enters the content-addressed store (the rename too)
         self.record = replace(self.record, candidate={"file": final.name, "sha256": digest})
@@ -436,10 +492,11 @@ class UpdateManager:
             self._event("probation_crash", level="warning", data={"crashes": crashes, "revision": record.revision})
             if crashes >= s.crash_loop_limit:
                 raise UpdateRejected("crash_loop", f"the agent restarted {crashes} times during probation")
-        self.record = self.log.save(replace(record, extra={"entered": True}))
+        served = float(record.extra.get("served_s", 0.0))  # before clean restarts
+        self.record = self.log.save(replace(record, extra={"entered": True, "served_s": served}))
         # the one _do_switching started (predictions since the switch count), or a new one on a resume
         probe = self.probation = self.probation or Probation()
-        started = time.monotonic()
+        started = self._probation_t0 = time.monotonic() - served
         while not self._stop.wait(0.1):
             elapsed = time.monotonic() - started
             n, errors = probe.predictions, probe.errors
@@ -462,16 +519,23 @@ class UpdateManager:
     def _do_rolling_back(self) -> Event:
         active = self.store.active_info()
         candidate = self.record.candidate or {}
+        loaded = None
         if active is not None and active.sha256 == candidate.get("sha256"):
-            previous = self.store.rollback()
+            previous = self.store.previous_info()
             if previous is None:
                 self._event("rollback_impossible", level="error", message="no previous model to return to")
                 return Event.ROLLED_BACK
+            try:  # loaded before the pointer moves: an unusable previous model leaves the device as it is
+                loaded = self.store.load_info(previous)
+            except ModelLoadError as exc:  # keep serving (and booting into) what runs
+                self._event("rollback_failed", level="error", message=str(exc))
+                raise UpdateRejected("rollback_failed", str(exc)) from exc
+            self.store.rollback()
         restored = self.store.active_info()
         current = self._current()
         if restored is not None and (current is None or current.info.sha256 != restored.sha256):
             try:
-                self._activate(self.store.load_info(restored))
+                self._activate(loaded if loaded is not None else self.store.load_info(restored))
             except ModelLoadError as exc:  # the previous model is unusable: keep serving what runs
                 self._event("rollback_failed", level="error", message=str(exc))
                 raise UpdateRejected("rollback_failed", str(exc)) from exc
@@ -481,13 +545,16 @@ class UpdateManager:
         self.record = replace(self.record, extra={})
         return Event.ROLLED_BACK
 
-    def _cleanup(self) -> None:
-        """After a failed update: drop partial downloads and model files nothing refers
-        to any more (a rejected candidate), keeping active, previous and shadow."""
+    def _cleanup(self, keep_partial: bool = False) -> None:
+        """After a failed update: drop partial downloads (but this revision's when it will be
+        retried: the download resumes) and model files nothing refers to any more (a
+        rejected candidate), keeping active, previous and shadow."""
         self._candidate = None
+        kept = self._part() if keep_partial else None
         for pattern in ("incoming-*.part", "shadow-*.part"):
             for part in self.store.root.glob(pattern):
-                part.unlink(missing_ok=True)
+                if part != kept:
+                    part.unlink(missing_ok=True)
         if self.record.state not in (State.PROBATION, State.SWITCHING, State.ROLLING_BACK):  # candidate may be active
             self.store.collect_garbage(keep={self.shadow.model.info.sha256} if self.shadow else set())
 
@@ -525,7 +592,7 @@ class UpdateManager:
         sha = ref.get("sha256")
         if not sha:
             raise UpdateRejected("malformed", "a shadow model must name its sha256")
-        stored = [p for p in self.store.root.glob(f"{sha}.*") if p.suffix in (".onnx", ".tflite")]
+        stored = [p for p in self.store.root.glob(f"{sha}.*") if p.suffix in MODEL_SUFFIXES]
         if not stored:
             if not ref.get("url"):
                 raise UpdateRejected("no_url", "the shadow model has no url")
@@ -537,7 +604,7 @@ class UpdateManager:
             self._verify_signature(ref["url"], digest, part)
             with part.open("rb") as fh:
                 head = fh.read(8)
-            final = self.store.root / f"{digest}{'.tflite' if head[4:8] == b'TFL3' else '.onnx'}"
+            final = self.store.root / f"{digest}{model_suffix(head)}"
             durable_replace(part, final)
             stored = [final]
         return self.store.load(stored[0], name=ref.get("name"), version=ref.get("version"))
