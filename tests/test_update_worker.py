@@ -113,3 +113,36 @@ def test_cleanup_deletes_nothing_while_the_pointer_cannot_be_read(device: Device
     assert store.collect_garbage() == 0 and orphan.exists() and store.path_of(a.info).exists()
     pointer.write_text(good)
     assert store.collect_garbage() == 1 and not orphan.exists() and store.path_of(a.info).exists()
+
+
+def test_every_start_that_follows_a_crash_on_probation_counts_until_the_limit(tmp_path: Path) -> None:
+    """The candidate kills the agent before the worker runs (while it loads, or on its first
+    request): each start counts, and the one at the limit boots into the previous model."""
+    first = Device(tmp_path, crash_loop_limit=3)
+    a = first.store.install(first.a)
+    b = first.store.install(first.b)  # switched: a is the rollback target
+    m = first.manager
+    m.record = m.log.save(replace(m.record, state=State.PROBATION, revision=4, candidate=b.info.to_json(),
+                                  extra={"entered": True}))
+    m.log.close()
+    for crashes in (1, 2, 3):
+        boot = Device(tmp_path, crash_loop_limit=3)  # a new process, same data dir
+        boot.manager.check_boot()
+        assert _saved(boot).crashes == crashes
+        active = boot.store.active_info()
+        assert active is not None and active.sha256 == (b if crashes < 3 else a).info.sha256
+        boot.manager.log.close()  # and it dies again before the worker runs
+    record = _saved(first)
+    assert (record.state, record.result, record.reason) == (State.ROLLING_BACK, "rolled_back", "crash_loop")
+
+
+def test_a_start_on_another_model_is_no_crash_on_probation(tmp_path: Path) -> None:
+    first = Device(tmp_path)
+    a = first.store.install(first.a)
+    b = first.store.install(first.b)
+    first.store.switch(a.info)  # the candidate no longer loaded: the agent fell back
+    m = first.manager
+    m.record = m.log.save(replace(m.record, state=State.PROBATION, revision=4, candidate=b.info.to_json(),
+                                  extra={"entered": True}))
+    m.check_boot()
+    assert _saved(first).crashes == 0  # the worker reports candidate_lost

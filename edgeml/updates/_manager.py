@@ -111,6 +111,7 @@ class UpdateManager:
         self._report_lock = threading.Lock()
         self._resume_at: float | None = None  # monotonic time to resume an update an error interrupted
         self._probation_t0: float | None = None  # monotonic time the probation would have begun, served time included
+        self._boot_checked = False  # check_boot counted this start's probation crash (if any)
         if os.environ.get(CRASH_AT_ENV):
             log.warning("%s=%s: this agent kills itself (SIGKILL) when an update enters that state; "
                         "a fault injection for tests and HIL rigs, never for a device in service",
@@ -255,19 +256,23 @@ class UpdateManager:
         probation counts a crash now (the candidate would serve, and maybe kill the agent
         again, before the worker runs), and at the limit the pointer goes back to the
         previous model (if that one loads) so the agent boots into it."""
+        self._boot_checked = True  # the worker's probation does not count this start again
         record = self.record
         if record.state is not State.PROBATION or not record.extra.get("entered") or record.extra.get("clean_stop"):
             return
+        active, previous = self.store.active_info(), self.store.previous_info()
+        if active is None or active.sha256 != (record.candidate or {}).get("sha256"):
+            return  # the agent starts on another model: the worker reports candidate_lost
+        # "entered" stays set: a start that dies before the worker runs counts at the next one
         crashes = record.crashes + 1
-        self.record = record = self.log.save(replace(record, crashes=crashes, extra={**record.extra, "entered": False}))
+        self.record = record = self.log.save(replace(record, crashes=crashes))
         self._event("probation_crash", level="warning", data={"crashes": crashes, "revision": record.revision})
         if crashes < self.settings.crash_loop_limit:
             return
         log.warning("update %s: the agent restarted %d times during probation: rolling back", record.revision, crashes)
         self._fail("crash_loop", f"the agent restarted {crashes} times during probation")
         self._advance(Event.FAILED)  # rolling_back, persisted: the worker finishes it
-        active, previous = self.store.active_info(), self.store.previous_info()
-        if active is None or previous is None or active.sha256 != (record.candidate or {}).get("sha256"):
+        if previous is None:
             return
         try:
             self.store.load_info(previous).runtime.close()  # it must load before the device boots into it
@@ -478,6 +483,7 @@ class UpdateManager:
             return self._watch_probation()
         finally:
             self.probation = None  # the predict path stops counting, whatever the outcome
+            self._probation_t0 = None
 
     def _watch_probation(self) -> Event | None:
         s = self.settings
@@ -486,7 +492,7 @@ class UpdateManager:
         if active is None or active.sha256 != (record.candidate or {}).get("sha256"):
             # the agent started on another model (the candidate's file failed to load or verify)
             raise UpdateRejected("candidate_lost", "the model on probation is no longer the active one")
-        if record.extra.get("entered") and not record.extra.get("clean_stop"):
+        if not self._boot_checked and record.extra.get("entered") and not record.extra.get("clean_stop"):
             crashes = record.crashes + 1  # the agent died while this model was on probation
             record = self.record = self.log.save(replace(record, crashes=crashes))
             self._event("probation_crash", level="warning", data={"crashes": crashes, "revision": record.revision})
@@ -512,6 +518,8 @@ class UpdateManager:
                                       applied_revision=self.record.revision, extra={})
                 self._event("update_succeeded", data={"revision": self.record.revision, "predictions": n,
                                                       "errors": errors})
+                for part in self.store.root.glob("incoming-*.part"):  # kept for retries of older revisions
+                    part.unlink(missing_ok=True)
                 self.store.collect_garbage(keep={self.shadow.model.info.sha256} if self.shadow else set())
                 return Event.PASSED
         return None
