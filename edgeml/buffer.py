@@ -75,21 +75,6 @@ ROW_OVERHEAD = 32
 _KEY = operator.itemgetter(2, 3, 5)
 _SHAPE = operator.attrgetter("shape")
 _TAG = operator.itemgetter(0)  # 1 for a prediction queued by append_prediction, else 0
-#: Least memory a queued record takes (the tuple, its floats and strings).
-_QUEUED_MIN = 200
-
-
-def _queued_size(item: tuple[Any, ...]) -> int:
-    """About how much memory a queued record holds, arrays included."""
-    if item[0] == 1:
-        return _QUEUED_MIN + getattr(item[6], "nbytes", 0)
-    fields = item[3]
-    size = _QUEUED_MIN
-    for key in ("inputs", "outputs"):  # a sample's arrays
-        values = fields.get(key)
-        if isinstance(values, dict):
-            size += sum(getattr(v, "nbytes", 0) for v in values.values())
-    return size
 #: 3: prediction segments may be packed (see Segments). An agent older than that reads
 #: only JSON segments: ``downgrade()`` (``edgeml agent downgrade-buffer``) converts back.
 SCHEMA_VERSION = 3
@@ -101,6 +86,8 @@ PAGE_CACHE_KIB = 256
 MEMORY_LIMIT = 200_000
 #: ... and their approximate size (outputs and sampled arrays included).
 MEMORY_LIMIT_BYTES = 64 * 1024 * 1024
+#: Least memory a queued record takes (the tuple, its floats and strings).
+_QUEUED_MIN = 200
 #: The longest number orjson writes (``-2.2250738585072014e-308``; an int64 is shorter).
 _MAX_NUMBER = 24
 #: Queue length that wakes the flusher before its interval is up. A burst (an application
@@ -297,6 +284,19 @@ def _unpack_or_report(first_seq: int, last_seq: int, body: bytes) -> bytes:
         return dumps({"seq": first_seq, "ts": time.time(), "kind": "event", "name": "bad_record", "level": "error",
                       "message": f"records {first_seq}..{last_seq} were damaged in the buffer and are lost"[:300],
                       "data": {"kind": "prediction", "first_seq": first_seq, "last_seq": last_seq}})
+
+
+def _queued_size(item: tuple[Any, ...]) -> int:
+    """About how much memory a queued record holds, arrays included."""
+    if item[0] == 1:
+        return _QUEUED_MIN + getattr(item[6], "nbytes", 0)
+    fields = item[3]
+    size = _QUEUED_MIN
+    for key in ("inputs", "outputs"):  # a sample's arrays
+        values = fields.get(key)
+        if isinstance(values, dict):
+            size += sum(getattr(v, "nbytes", 0) for v in values.values())
+    return size
 
 
 class TelemetryBuffer:
