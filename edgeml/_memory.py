@@ -14,8 +14,10 @@ its own free pages and fragments. The agent runs about seven threads that alloca
 
 from __future__ import annotations
 
+import math
 import os
 import threading
+import time
 from collections.abc import Callable
 
 #: Records handled since the last trim before an idle moment trims again.
@@ -76,15 +78,21 @@ def release() -> bool:
 
 
 class Trimmer:
-    """Counts records handled; :meth:`idle` trims once ``TRIM_AFTER_RECORDS`` went by."""
+    """Counts records handled; :meth:`idle` trims once ``TRIM_AFTER_RECORDS`` went by, or,
+    with ``burst_s``, at the first idle moment after any record when the last trim is
+    less than ``burst_s`` old: the tail of a burst is handed back when the burst ends,
+    while a trickle of records is trimmed only every ``TRIM_AFTER_RECORDS``."""
 
-    __slots__ = ("pending",)
+    __slots__ = ("last", "pending")
 
     def __init__(self) -> None:
         self.pending = 0
+        self.last = -math.inf
 
-    def idle(self) -> bool:
-        if self.pending < TRIM_AFTER_RECORDS:
+    def idle(self, burst_s: float = 0.0) -> bool:
+        quiet = not self.pending or time.monotonic() - self.last >= burst_s  # nothing new, or no burst
+        if self.pending < TRIM_AFTER_RECORDS and quiet:
             return False
         self.pending = 0
+        self.last = time.monotonic()
         return release()

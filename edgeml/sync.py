@@ -50,6 +50,8 @@ MAX_INCOMING_BYTES = 256 * 1024
 #: After a reconnection, new batches wait this long at most for the resent ones to be
 #: acknowledged (a safety valve: paho resends every unacknowledged message at once).
 RESEND_WAIT_S = 30.0
+#: A trim less than this old means a burst is going on: its tail is trimmed when it ends.
+TRIM_BURST_S = 2.0
 
 
 @dataclass(slots=True)
@@ -312,8 +314,8 @@ class MqttSync:
             if not published:
                 with self._inflight_lock:
                     idle = not self._inflight
-                if idle:  # all sent and acknowledged: hand back what the batches used
-                    self._trimmer.idle()
+                if idle:  # all sent and acknowledged: hand back what the batches used (a burst's tail too)
+                    self._trimmer.idle(burst_s=TRIM_BURST_S)
                 self._wake.wait(0.5)
                 self._wake.clear()
 

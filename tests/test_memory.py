@@ -36,6 +36,19 @@ def test_trimmer_trims_only_after_enough_records(monkeypatch: pytest.MonkeyPatch
     assert trimmer.idle() is False  # nothing new since
 
 
+def test_the_tail_of_a_burst_is_trimmed_when_it_ends_but_a_trickle_is_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    trims = []
+    monkeypatch.setattr(_memory, "release", lambda: trims.append(1) or True)
+    trimmer = _memory.Trimmer()
+    trimmer.pending = _memory.TRIM_AFTER_RECORDS
+    assert trimmer.idle(burst_s=2.0) is True  # mid-burst: enough records
+    trimmer.pending = 300  # the burst's last records, acknowledged right after
+    assert trimmer.idle(burst_s=2.0) is True and trims == [1, 1]
+    assert trimmer.idle(burst_s=2.0) is False  # nothing new since
+    trimmer.pending, trimmer.last = 5, time.monotonic() - 10  # a trickle, long after the burst
+    assert trimmer.idle(burst_s=2.0) is False and trimmer.idle() is False and trims == [1, 1]
+
+
 def test_the_flusher_trims_when_idle_after_a_burst(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trims = []
     monkeypatch.setattr(_memory, "release", lambda: trims.append(1) or True)
