@@ -124,17 +124,20 @@ class ModelStore:
     def _pointer(self) -> Path:
         return self.root / "active.json"
 
-    def _read_pointer(self) -> dict[str, Any]:
+    def _read_pointer(self, *, unreadable: Any = None) -> dict[str, Any]:
+        """The pointer's slots ({} for an empty store); ``unreadable`` when it cannot be
+        read or parsed (default: {} as well, after logging why)."""
+        fallback = {} if unreadable is None else unreadable
         try:
             doc = json.loads(self._pointer.read_text())
         except FileNotFoundError:
             return {}
-        except ValueError as exc:
+        except (OSError, ValueError) as exc:
             log.error("ignoring unreadable %s: %s", self._pointer, exc)
-            return {}
+            return fallback
         if not isinstance(doc, dict):
             log.error("ignoring %s: not a JSON object", self._pointer)
-            return {}
+            return fallback
         if "sha256" in doc:  # the first layout: the active model's info alone
             return {"active": doc, "previous": None}
         return doc
@@ -240,17 +243,10 @@ class ModelStore:
         """Delete model files that neither slot (nor ``keep``, sha256s) refers to. Nothing
         is deleted while the pointer cannot be read (it would look as if none were wanted)."""
         with self._lock:  # not between keep() and switch() of an install
-            try:
-                doc = json.loads(self._pointer.read_text())
-                readable = isinstance(doc, dict)
-            except FileNotFoundError:
-                readable = True  # an empty store
-            except (OSError, ValueError):
-                readable = False
-            if not readable:
+            pointer = self._read_pointer(unreadable=False)
+            if pointer is False:
                 log.error("not cleaning the model store: %s cannot be read", self._pointer)
                 return 0
-            pointer = self._read_pointer()
             wanted = {d["sha256"] for d in (pointer.get("active"), pointer.get("previous")) if d} | set(keep)
             removed = 0
             for path in self.root.iterdir():

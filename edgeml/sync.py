@@ -219,15 +219,14 @@ class MqttSync:
         if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):  # NO_CONN: paho keeps it
             self._state_mid, self._state_sent = info.mid, payload
 
-    def _state_acked(self, mid: int) -> bool:
-        """Publisher thread: a PUBACK for ``mid``; sends a state that changed meanwhile."""
+    def _state_acked(self, mid: int) -> None:
+        """Publisher thread: a PUBACK for ``mid``; if it is the state's, sends a state that changed meanwhile."""
         with self._state_lock:
             if mid != self._state_mid:
-                return False
+                return
             self._state_mid = None
             if self._state_payload is not self._state_sent and self.connected.is_set():
                 self._send_state(self._client)
-            return True
 
     # ------------------------------------------------------------------ paho thread
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
