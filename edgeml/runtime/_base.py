@@ -152,7 +152,9 @@ def _convert(spec: TensorSpec, value: Any) -> np.ndarray:
         if arr.dtype.kind == "b" and want != "b":
             raise InputError(f"input {spec.name!r}: expected numbers of type {spec.dtype.name}, got booleans")
         if arr.dtype.kind == "f" and want in "iu":
-            if arr.size and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            info = np.iinfo(spec.dtype)
+            whole = arr.size and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
+            if whole and (arr.min() < info.min or arr.max() >= info.max + 1):  # e.g. 2**63, which numpy made a float
                 raise InputError(f"input {spec.name!r}: {spec.dtype.name} values out of range "
                                  f"{np.iinfo(spec.dtype).min}..{np.iinfo(spec.dtype).max}")
             raise InputError(f"input {spec.name!r}: expected integers ({spec.dtype.name}), got floats")
