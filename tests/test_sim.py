@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from edgeml.protocol import TelemetryBatch
 from edgeml.protocol.signing import load_public_keys
 from edgeml.sim import Faults, Simulator
@@ -67,3 +69,17 @@ def test_simulated_devices_speak_the_protocol_and_follow_desired_states(
     assert 0.55 < sum(bool(r.correct) for r in v1) / len(v1) < 0.85  # type: ignore[union-attr]
     states = collector.payloads("state")
     assert any(s["device"] == "sim-00003" and s["active"]["version"] == "2.0.0" for s in states)
+
+
+def test_a_simulated_device_with_a_service_time_reports_its_own_latency_not_the_hosts() -> None:
+    # simulated devices share this host's cores with the coordinator and the tests: a busy host (here a 50 ms
+    # run) must not show up as a slow model, or latency gates would judge the host's load
+    faults = Faults(service_time_us=2000.0, latency_factor={"1.1.0": 1.3}, extra_latency_us={"1.1.0": 100.0})
+    rng = np.random.default_rng(7)
+    calm = np.array([faults.latency_of("1.0.0", 5.0, rng) for _ in range(2000)])
+    busy = np.array([faults.latency_of("1.0.0", 50_000.0, rng) for _ in range(2000)])
+    assert 1900 < np.median(calm) < 2100 and 1900 < np.median(busy) < 2100 and busy.max() < 10_000
+    slower = np.array([faults.latency_of("1.1.0", 50_000.0, rng) for _ in range(2000)])
+    assert 1.25 < (np.median(slower) - 100.0) / np.median(calm) < 1.35
+    # without a service time the device is this host: its measured time, scaled
+    assert Faults(latency_factor={"*": 2.0}).latency_of("1.0.0", 40.0, rng) == 80.0
