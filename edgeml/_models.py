@@ -19,13 +19,14 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._exceptions import ModelLoadError
 from .runtime import Runtime, load_runtime
-from .runtime._base import is_ort_format
+from .runtime._base import is_ort_format, is_ort_head
 
 log = logging.getLogger(__name__)
 #: File suffixes of the models in a store (content-addressed: ``{sha256}{suffix}``).
@@ -34,7 +35,12 @@ MODEL_SUFFIXES = (".onnx", ".tflite", ".ort")
 
 def model_suffix(head: bytes) -> str:
     """The store's suffix for a model file that starts with ``head`` (its first 8 bytes)."""
-    return ".tflite" if head[4:8] == b"TFL3" else ".ort" if head[4:8] == b"ORTM" else ".onnx"
+    return ".tflite" if head[4:8] == b"TFL3" else ".ort" if is_ort_head(head) else ".onnx"
+
+
+def copied(arrays: Mapping[str, Any]) -> dict[str, Any]:
+    """Copies of a model's inputs or outputs, kept past the call (the application may reuse its arrays)."""
+    return {name: value.copy() if hasattr(value, "copy") else value for name, value in arrays.items()}
 
 
 @dataclass(frozen=True, slots=True)

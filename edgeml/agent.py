@@ -24,16 +24,12 @@ from ._exceptions import (
     NoModelError,
 )
 from ._memory import limit_arenas
-from ._models import LoadedModel, ModelStore
+from ._models import LoadedModel, ModelStore, copied
 from ._process import CpuMeter, rss_bytes
 from .buffer import TelemetryBuffer
 from .protocol import DESIRED, parse_topic
 
 log = logging.getLogger(__name__)
-
-
-def _copied(arrays: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: value.copy() if hasattr(value, "copy") else value for name, value in arrays.items()}
 
 
 class Prediction(NamedTuple):
@@ -322,7 +318,7 @@ class Agent:
             if self._sample_rate and random.random() < self._sample_rate:
                 # copies: encoded later, and an application may reuse its input buffer (a camera frame)
                 buffer.append("sample", {"model": name, "version": version, "prediction_id": f"{self._boot}-{number}",
-                                         "inputs": _copied(feeds), "outputs": _copied(outputs)})
+                                         "inputs": copied(feeds), "outputs": copied(outputs)})
         updates = self._updates
         if updates is not None:  # read each attribute once: the update thread may clear it
             probation, shadow = updates.probation, updates.shadow

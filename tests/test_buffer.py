@@ -49,7 +49,7 @@ def test_durability_window(tmp_path: Path) -> None:
         t0 = time.monotonic()
         other = sqlite3.connect(path)
         while other.execute("SELECT count(*) FROM segments").fetchone()[0] == 0:
-            assert time.monotonic() - t0 < 2.0
+            assert time.monotonic() - t0 < 10.0  # 20 ms expected; room for a loaded machine
             time.sleep(0.002)
         other.close()
     finally:

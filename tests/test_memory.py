@@ -42,7 +42,7 @@ def test_the_tail_of_a_burst_is_trimmed_when_it_ends_but_a_trickle_is_not(monkey
     trimmer = _memory.Trimmer()
     trimmer.pending = _memory.TRIM_AFTER_RECORDS
     assert trimmer.idle(burst_s=2.0) is True  # mid-burst: enough records
-    trimmer.pending = 300  # the burst's last records, acknowledged right after
+    trimmer.pending, trimmer.last = 300, time.monotonic()  # the burst's last records, right after that trim
     assert trimmer.idle(burst_s=2.0) is True and trims == [1, 1]
     assert trimmer.idle(burst_s=2.0) is False  # nothing new since
     trimmer.pending, trimmer.last = 5, time.monotonic() - 10  # a trickle, long after the burst

@@ -48,7 +48,16 @@ def test_mosquitto_sub_receives_telemetry_as_documented(broker: Broker, models: 
              "-t", "edgeml/v1/+/+/telemetry", "-t", "edgeml/v1/+/+/status"],
             stdout=fh,
         )
-        time.sleep(0.5)
+        # subscribed once a probe on a matching topic comes through (a fixed pause lost the first records
+        # whenever mosquitto_sub started slowly)
+        probe = "edgeml/v1/probe/probe/status"
+
+        def probe_seen() -> bool:
+            subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", probe, "-m", "{}"],
+                           check=True, timeout=10)
+            return probe.encode() in out.read_bytes()
+
+        wait_until(probe_seen, 30, interval=0.2, what="mosquitto_sub subscribed")
         agent = _agent(tmp_path, broker, models["onnx_float"])
         with agent:
             for _ in range(100):
@@ -56,13 +65,16 @@ def test_mosquitto_sub_receives_telemetry_as_documented(broker: Broker, models: 
             agent.flush_metrics()
             wait_until(lambda: agent.status()["buffer"]["records"] == 0 and agent.status()["buffer"]["pending"] == 0,
                        what="buffer to drain")
-        time.sleep(0.5)
+        wait_until(lambda: b'"reason":"shutdown"' in out.read_bytes().replace(b" ", b""), 30,
+                   what="the offline status printed")
         sub.terminate()
         sub.wait(5)
     topics = Topics("plant", "dev-1")
     batches, statuses = [], []
     for line in out.read_bytes().splitlines():
         topic, _, payload = line.partition(b" ")
+        if topic.decode() == probe:
+            continue
         if topic.decode() == topics.telemetry:
             batches.append(TelemetryBatch.model_validate_json(payload))
         else:
@@ -159,9 +171,9 @@ def test_bandwidth_cap_limits_the_publish_rate(broker: Broker, collector: Collec
                    EDGEML_MQTT__BATCH_MAX_BYTES=8 * 1024)
     with agent:
         wait_until(lambda: agent.status()["sync"]["connected"], what="connection")
+        t0 = time.monotonic()  # before the predictions: the publisher starts sending while they are made
         for _ in range(400):
             agent.predict({"input": X})
-        t0 = time.monotonic()
         wait_until(lambda: agent.status()["buffer"]["records"] == 0 and agent.status()["buffer"]["pending"] == 0,
                    60, what="drain under the cap")
         elapsed = time.monotonic() - t0

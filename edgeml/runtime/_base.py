@@ -39,11 +39,16 @@ class TensorSpec:
         return np.zeros([d if d is not None else 1 for d in self.shape], dtype=self.dtype)
 
 
+def is_ort_head(head: bytes) -> bool:
+    """True when a model file's first 8 bytes are those of ONNX Runtime's own format."""
+    return head[4:8] == b"ORTM"
+
+
 def is_ort_format(path: Any) -> bool:
     """True for ONNX Runtime's own format (an ``.ort`` file, whatever its name now)."""
     try:
         with open(path, "rb") as fh:
-            return fh.read(8)[4:8] == b"ORTM"
+            return is_ort_head(fh.read(8))
     except OSError:
         return False
 

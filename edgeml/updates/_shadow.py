@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .._models import LoadedModel
+from .._models import LoadedModel, copied
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,7 @@ class ShadowRunner:
             self._stats.skipped += 1
             return
         # copies: run and compared later, and the application may reuse or change its arrays
-        self._queue.append(({k: v.copy() for k, v in feeds.items()}, primary,
-                            {k: v.copy() if hasattr(v, "copy") else v for k, v in outputs.items()}, latency_us))
+        self._queue.append((copied(feeds), primary, copied(outputs), latency_us))
         self._wake.set()
 
     def _work(self) -> None:
