@@ -5,7 +5,8 @@
 The whole system, nothing faked but the devices' hardware: Mosquitto, a coordinator on
 SQLite (signed desired states over MQTT, ingestion, the rollout engine ticking every
 0.2 s) and :class:`edgeml.sim.Simulator` devices, each with its own MQTT session,
-running the model on every prediction (plus a lognormal 2 ms "device" inference time),
+running the model on every prediction and reporting a lognormal 2 ms "device" inference
+time instead of this host's run time (its load is not a device's latency),
 sending telemetry and labeled feedback for half of the predictions.
 
 The fleet is split into ``groups`` of devices (tag ``group=gK``). Each round starts one
