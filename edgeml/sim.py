@@ -54,7 +54,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from . import __version__
 from ._json import dumps, loads
-from ._models import LoadedModel, ModelStore
+from ._models import LoadedModel, ModelStore, model_suffix
 from .buffer import summarize
 from .protocol import Topics
 
@@ -123,7 +123,7 @@ class _Models:
                 data = httpx.get(ref["url"], timeout=30).content
                 if hashlib.sha256(data).hexdigest() != sha:
                     raise ValueError(f"artifact {ref['url']} does not match its sha256")
-                path = self.store.root / f"{sha}.{'tflite' if data[4:8] == b'TFL3' else 'onnx'}"
+                path = self.store.root / f"{sha}{model_suffix(data[:8])}"
                 path.write_bytes(data)
                 self.by_sha[sha] = self.store.load(path, name=ref.get("name"), version=ref.get("version"))
             return self.by_sha[sha]

@@ -146,3 +146,24 @@ def test_a_start_on_another_model_is_no_crash_on_probation(tmp_path: Path) -> No
                                   extra={"entered": True}))
     m.check_boot()
     assert _saved(first).crashes == 0  # the worker reports candidate_lost
+
+
+def test_a_crash_on_probation_that_the_start_could_not_save_is_counted_by_the_worker(tmp_path: Path) -> None:
+    first = Device(tmp_path)
+    first.store.install(first.a)
+    b = first.store.install(first.b)
+    m = first.manager
+    m.record = m.log.save(replace(m.record, state=State.PROBATION, revision=4, candidate=b.info.to_json(),
+                                  extra={"entered": True}))
+    save = m.log.save
+
+    def full_disk(record: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    m.log.save = full_disk  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        m.check_boot()  # the agent logs it and serves anyway
+    m.log.save = save  # type: ignore[method-assign]
+    assert _saved(first).crashes == 0 and m._boot_checked is False  # so the worker's probation counts it
+    m.check_boot()
+    assert _saved(first).crashes == 1 and m._boot_checked is True  # counted once: the worker does not again

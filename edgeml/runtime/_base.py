@@ -161,7 +161,7 @@ def _convert(spec: TensorSpec, value: Any) -> np.ndarray:
             whole = arr.size and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
             if whole and (arr.min() < info.min or arr.max() >= info.max + 1):  # e.g. 2**63, which numpy made a float
                 raise InputError(f"input {spec.name!r}: {spec.dtype.name} values out of range "
-                                 f"{np.iinfo(spec.dtype).min}..{np.iinfo(spec.dtype).max}")
+                                 f"{info.min}..{info.max}")
             raise InputError(f"input {spec.name!r}: expected integers ({spec.dtype.name}), got floats")
         if want in "iu" and arr.size and arr.dtype != spec.dtype:
             info = np.iinfo(spec.dtype)

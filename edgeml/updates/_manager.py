@@ -265,7 +265,11 @@ class UpdateManager:
             return  # the agent starts on another model: the worker reports candidate_lost
         # "entered" stays set: a start that dies before the worker runs counts at the next one
         crashes = record.crashes + 1
-        self.record = record = self.log.save(replace(record, crashes=crashes))
+        try:
+            self.record = record = self.log.save(replace(record, crashes=crashes))
+        except Exception:
+            self._boot_checked = False  # not counted: the worker's probation counts it
+            raise
         self._event("probation_crash", level="warning", data={"crashes": crashes, "revision": record.revision})
         if crashes < self.settings.crash_loop_limit:
             return
